@@ -1,0 +1,56 @@
+"""The backend interface: build_model() and AdamW() pick the NumPy or the PyTorch implementation.
+
+Both backends hold the same flat dict of GPT-2-named parameters and offer the same methods
+(logits, loss, loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm,
+generate). torch is imported only when the torch backend is asked for.
+"""
+from __future__ import annotations
+
+from .config import GPTConfig
+from .params import init_params
+
+BACKENDS = ("numpy", "torch")
+
+
+def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: str = "float32",
+                device: str | None = None, params: dict | None = None, **torch_options):
+    """A GPT-2 model initialised from the seed (or from params, a dict of NumPy arrays).
+
+    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" on CUDA.
+    """
+    if not isinstance(cfg, GPTConfig):
+        raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if params is None:
+        params = init_params(cfg, seed, dtype)
+    if backend == "numpy":
+        if device not in (None, "cpu"):
+            raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
+        if torch_options:
+            raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only")
+        from .numpy_backend import NumpyGPT
+        return NumpyGPT(cfg, params, dtype=dtype, seed=seed)
+    if backend == "torch":
+        from .torch_backend import TorchGPT
+        return TorchGPT(cfg, params, dtype=dtype, seed=seed, device=device, **torch_options)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def AdamW(model, lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.999), eps: float = 1e-8,
+          decay_all: bool = True):
+    """AdamW for the model's backend, with torch.optim.AdamW's semantics and defaults.
+
+    decay_all=True decays every parameter (the book's setting); False exempts biases,
+    LayerNorm parameters and the embeddings.
+    """
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if model.backend == "numpy":
+        from .numpy_backend import AdamW as NumpyAdamW
+        return NumpyAdamW(model, lr, weight_decay, betas, eps, decay_all)
+    from .torch_backend import make_adamw
+    return make_adamw(model, lr, weight_decay, betas, eps, decay_all)

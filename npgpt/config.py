@@ -1,0 +1,75 @@
+"""GPTConfig: the model's hyperparameters, with the presets of the book and of GPT-2."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257      # GPT-2's BPE vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
+    context_length: int = 256    # longest sequence the position embedding covers
+    emb_dim: int = 768           # C: width of the residual stream
+    n_heads: int = 12            # NH: attention heads; head size is emb_dim // n_heads
+    n_layers: int = 12           # L: transformer blocks
+    drop_rate: float = 0.1       # dropout after embeddings, on attention weights and on both residual branches
+    qkv_bias: bool = False       # bias in the query/key/value projection (GPT-2 has one, the book's 124M run not)
+    tie_weights: bool = False    # output head shares wte (GPT-2) or has its own lm_head.weight (the book)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by "
+                             f"n_heads ({self.n_heads})")
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be a number in [0, 1), got {rate!r}")
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """One of PRESETS by name; keyword arguments replace single fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; expected some of {sorted(fields)}")
+        return cls(**d)
+
+
+def _gpt2(emb_dim, n_layers, n_heads):
+    return GPTConfig(context_length=1024, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers,
+                     drop_rate=0.1, qkv_bias=True, tie_weights=True)
+
+
+# Sizes from the book's table of GPT-2 models (chapter 4) and OpenAI's hparams.json files.
+PRESETS = {
+    "book-124m": GPTConfig(),                  # the book's GPT_CONFIG_124M (context 256, untied head)
+    "gpt2-small": _gpt2(768, 12, 12),          # 124M
+    "gpt2-medium": _gpt2(1024, 24, 16),        # 355M
+    "gpt2-large": _gpt2(1280, 36, 20),         # 774M
+    "gpt2-xl": _gpt2(1600, 48, 25),            # 1558M
+    "tiny": GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0),  # tests
+}
+

@@ -1,0 +1,157 @@
+"""The training text and the batches made from it (the book's chapter 2 data pipeline, in NumPy).
+
+load_corpus() finds The Verdict; make_loaders() splits the text by characters into train and
+validation parts, tokenises each, and cuts them into sliding windows whose targets are the
+inputs shifted by one token.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import ENDOFTEXT
+
+VERDICT_NAME = "the-verdict.txt"
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+               "ch02/01_main-chapter-code/the-verdict.txt")
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+VERDICT_CHARS = 20479
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "npgpt"
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def download(url: str, dest: Path, sha256: str, opener=urllib.request.urlopen, timeout: float = 30) -> Path:
+    """Fetch url into dest, keeping it only if its sha256 matches: a bad download never stays."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with opener(url, timeout=timeout) as response:
+        data = response.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"download of {url}: sha256 is {digest}, expected {sha256}; nothing was saved")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def fallback_corpus() -> str:
+    """Offline stand-in for The Verdict: the reference text every Python ships (pydoc_data),
+    cut to The Verdict's length so the default run costs what the book's does."""
+    from pydoc_data.topics import topics
+    return "".join(topics[k] for k in sorted(topics))[:VERDICT_CHARS]
+
+
+def load_corpus(path: str | Path | None = None, *, url: str = VERDICT_URL,
+                opener=urllib.request.urlopen) -> str:
+    """The text at path, or The Verdict: $NPGPT_DATA_DIR, the user cache, then a download
+    (sha256-checked) into the cache; offline, a stand-in from the standard library with a notice."""
+    if path is not None:
+        return read_text(path)
+    data_dir = os.environ.get("NPGPT_DATA_DIR")
+    if data_dir and (Path(data_dir) / VERDICT_NAME).is_file():
+        return read_text(Path(data_dir) / VERDICT_NAME)
+    cached = cache_dir() / VERDICT_NAME
+    if cached.is_file():
+        return read_text(cached)
+    try:
+        return read_text(download(url, cached, VERDICT_SHA256, opener=opener))
+    except OSError as e:  # no network (URLError is an OSError)
+        print(f"npgpt: could not download The Verdict ({e}); training on Python's own pydoc text "
+              f"instead. Pass a file with --data PATH or put {VERDICT_NAME} in $NPGPT_DATA_DIR.",
+              file=sys.stderr)
+        return fallback_corpus()
+
+
+def sliding_windows(n_tokens: int, max_length: int, stride: int) -> np.ndarray:
+    """Start offsets of the book's windows: inputs ids[s:s+max_length], targets ids[s+1:s+max_length+1]."""
+    return np.arange(0, max(n_tokens - max_length, 0), stride)
+
+
+class DataLoader:
+    """Batches of (inputs, targets), int64 arrays of shape (B, T), over fixed windows of one token array.
+
+    With shuffle=True the order is a permutation drawn from (seed, epoch): set_epoch() moves
+    to the next one, so an order is reproducible and a resumed run sees the same batches.
+    """
+
+    def __init__(self, token_ids: np.ndarray, batch_size: int, max_length: int, stride: int,
+                 shuffle: bool, drop_last: bool, seed: int = 123):
+        self.tokens = np.asarray(token_ids, dtype=np.int64)
+        self.starts = sliding_windows(len(self.tokens), max_length, stride)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+        self.rank, self.world_size = 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Give this process every world_size-th batch of the global order (data-parallel training)."""
+        self.rank, self.world_size = rank, world_size
+
+    def _num_global_batches(self) -> int:
+        n, b = len(self.starts), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self._num_global_batches(), self.world_size))
+
+    def __iter__(self):
+        order = np.arange(len(self.starts))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.starts))
+        offsets = np.arange(self.max_length + 1)
+        for i in range(self.rank, self._num_global_batches(), self.world_size):
+            starts = self.starts[order[i * self.batch_size:(i + 1) * self.batch_size]]
+            window = self.tokens[starts[:, None] + offsets]          # (B, T+1)
+            yield window[:, :-1], window[:, 1:]                       # inputs, targets: (B, T) each
+
+
+def make_loaders(text: str, tokenizer, batch_size: int = 2, max_length: int = 256, stride: int = 256,
+                 train_ratio: float = 0.9, seed: int = 123, shuffle: bool = True):
+    """The book's train/validation loaders: split text by characters at train_ratio, tokenise each
+    part, cut into windows; the train loader shuffles and drops the last partial batch."""
+    for name, value in (("batch_size", batch_size), ("max_length", max_length), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio must be between 0 and 1 (exclusive), got {train_ratio!r}")
+    split = int(train_ratio * len(text))
+    loaders = []
+    for part, name, is_train in ((text[:split], "training", True), (text[split:], "validation", False)):
+        ids = tokenizer.encode(part, allowed_special={ENDOFTEXT})
+        if len(ids) <= max_length:
+            raise ValueError(f"Not enough tokens for the {name} loader: its text has {len(ids)} tokens, "
+                             f"one window needs at least {max_length + 1} (max_length={max_length} + 1). "
+                             "Use a longer text, a smaller max_length or a different train_ratio.")
+        loaders.append(DataLoader(ids, batch_size, max_length, stride, shuffle=shuffle and is_train,
+                                  drop_last=is_train, seed=seed))
+    return tuple(loaders)

@@ -1,0 +1,180 @@
+"""GPT-2 in NumPy: the forward pass through the layers of layers.py, and its backward in reverse order.
+
+Parameters live in one flat array with a named view per tensor (llm.c's layout), and so do
+their gradients: AdamW and gradient clipping then work on whole buffers. Shapes as in
+layers.py: B batch, T time, C channels, NH heads, V vocabulary, N = B * T.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import GPTConfig
+from ..params import check_params, param_shapes
+from . import layers as L
+
+
+def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Named, contiguous views into one flat array, in the order of shapes."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        views[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return views
+
+
+class NumpyGPT:
+    backend = "numpy"
+
+    def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray], dtype="float32", seed: int = 123):
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.shapes = param_shapes(cfg)
+        n = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.flat_params = np.zeros(n, self.dtype)
+        self.flat_grads = np.zeros(n, self.dtype)
+        self.p = flat_views(self.flat_params, self.shapes)
+        self.g = flat_views(self.flat_grads, self.shapes)
+        self.load_params(params)
+        self.training = True
+        self.rng = np.random.default_rng(seed)   # dropout masks
+        self.dropout_masks = None                # tests: callable(name, shape) -> bool keep-mask
+
+    # ---- the interface shared with the torch backend ----
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {name: p.copy() for name, p in self.p.items()}
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        check_params(params, self.shapes)
+        for name, p in self.p.items():
+            p[...] = params[name]
+
+    def logits(self, idx) -> np.ndarray:
+        logits, _ = self.forward(idx)
+        return logits
+
+    def loss(self, inputs, targets) -> float:
+        loss, _ = self.forward(inputs, targets)
+        return loss
+
+    def loss_and_grads(self, inputs, targets):
+        loss = self.forward_backward(inputs, targets)
+        return loss, {name: g.copy() for name, g in self.g.items()}
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
+        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss."""
+        loss = self.forward_backward(inputs, targets)
+        if clip_norm is not None:
+            self.clip_grad_norm(clip_norm)
+        optimizer.step()
+        return loss
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_)."""
+        norm = float(np.sqrt(np.dot(self.flat_grads, self.flat_grads)))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            self.flat_grads *= self.dtype.type(coef)
+        return norm
+
+    def generate(self, idx, **kwargs):
+        from .generate import generate
+        return generate(self, idx, **kwargs)
+
+    # ---- forward and backward ----
+
+    def _mask(self, name, shape, p, as_shape=None):
+        """A scaled dropout mask, or None when dropout is off. Tests may fix the masks by setting
+        self.dropout_masks = fn(name, shape) -> bool keep-mask (the torch backend asks the same)."""
+        if not self.training or p == 0.0:
+            return None
+        if self.dropout_masks is not None:
+            keep = np.asarray(self.dropout_masks(name, shape), dtype=bool)
+            if keep.shape != shape:
+                raise ValueError(f"dropout mask {name}: expected shape {shape}, got {keep.shape}")
+            mask = keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
+        else:
+            mask = L.dropout_mask(self.rng, shape, p, self.dtype)
+        return mask if as_shape is None else mask.reshape(as_shape)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches)."""
+        cfg, p = self.cfg, self.p
+        idx = np.asarray(idx)
+        B, T = idx.shape
+        C, NH, N, drop = cfg.emb_dim, cfg.n_heads, B * T, cfg.drop_rate
+        x, emb_cache = L.embedding_forward(idx, p["wte"], p["wpe"])            # (B, T, C)
+        x, drop_cache = L.dropout_forward(x, self._mask("emb", (B, T, C), drop))
+        x = x.reshape(N, C)
+        blocks = []
+        for i in range(cfg.n_layers):
+            h = f"h.{i}."
+            c = {}
+            # x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+            a, c["ln_1"] = L.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            a, c["c_attn"] = L.linear_forward(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
+            a, c["attn"] = L.attention_forward(a.reshape(B, T, 3 * C), NH,
+                                               self._mask(h + "attn", (B, NH, T, T), drop))
+            a, c["attn.c_proj"] = L.linear_forward(a.reshape(N, C), p[h + "attn.c_proj.weight"],
+                                                   p[h + "attn.c_proj.bias"])
+            a, c["drop_1"] = L.dropout_forward(a, self._mask(h + "resid_1", (B, T, C), drop, (N, C)))
+            x = x + a                                                           # (N, C)
+            # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
+            m, c["ln_2"] = L.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+            m, c["c_fc"] = L.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])   # (N, 4C)
+            m, c["gelu"] = L.gelu_forward(m)
+            m, c["mlp.c_proj"] = L.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+            m, c["drop_2"] = L.dropout_forward(m, self._mask(h + "resid_2", (B, T, C), drop, (N, C)))
+            x = x + m
+            blocks.append(c)
+        x, lnf_cache = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        logits, head_cache = L.linear_forward(x, self.head_weight())           # (N, V)
+        caches = (emb_cache, drop_cache, blocks, lnf_cache, head_cache)
+        if targets is None:
+            return logits.reshape(B, T, -1), caches
+        loss, ce_cache = L.cross_entropy_forward(logits, np.asarray(targets).reshape(N))
+        return loss, caches + (ce_cache,)
+
+    def head_weight(self):
+        return self.p["wte"] if self.cfg.tie_weights else self.p["lm_head.weight"]
+
+    def forward_backward(self, inputs, targets) -> float:
+        """Mean cross-entropy of one batch; fills self.g with its gradients."""
+        B, T = np.shape(inputs)
+        C, N, g = self.cfg.emb_dim, B * T, self.g
+        loss, (emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
+        dlogits = L.cross_entropy_backward(ce_cache)                            # (N, V)
+        tied = self.cfg.tie_weights
+        dx = L.linear_backward(dlogits, head_cache, g["wte"] if tied else g["lm_head.weight"])
+        if not tied:
+            g["wte"][...] = 0                       # embedding_backward adds into it
+        dx = L.layernorm_backward(dx, lnf_cache, g["ln_f.weight"], g["ln_f.bias"])     # (N, C)
+        for i in reversed(range(self.cfg.n_layers)):
+            h, c = f"h.{i}.", blocks[i]
+            # x = x + dropout(c_proj(gelu(c_fc(ln_2(x))))): the residual passes dx through unchanged
+            dm = L.dropout_backward(dx, c["drop_2"])
+            dm = L.linear_backward(dm, c["mlp.c_proj"], g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
+            dm = L.gelu_backward(dm, c["gelu"])
+            dm = L.linear_backward(dm, c["c_fc"], g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
+            dx = dx + L.layernorm_backward(dm, c["ln_2"], g[h + "ln_2.weight"], g[h + "ln_2.bias"])
+            # x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+            da = L.dropout_backward(dx, c["drop_1"])
+            da = L.linear_backward(da, c["attn.c_proj"], g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
+            da = L.attention_backward(da.reshape(B, T, C), c["attn"]).reshape(N, 3 * C)
+            da = L.linear_backward(da, c["c_attn"], g[h + "attn.c_attn.weight"], g.get(h + "attn.c_attn.bias"))
+            dx = dx + L.layernorm_backward(da, c["ln_1"], g[h + "ln_1.weight"], g[h + "ln_1.bias"])
+        dx = L.dropout_backward(dx.reshape(B, T, C), drop_cache)
+        L.embedding_backward(dx, emb_cache, g["wte"], g["wpe"])
+        return loss
+

@@ -1,0 +1,85 @@
+"""Parameter names and shapes (GPT-2's names, PyTorch's (out, in) layout) and the seeded initialisation.
+
+Both backends start from the arrays made here, so they agree by construction.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import GPTConfig
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's GPT-2 name and shape, weights in PyTorch's (out, in) layout, in model order."""
+    V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    shapes = {"wte": (V, C), "wpe": (T, C)}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        shapes[h + "ln_1.weight"] = (C,)
+        shapes[h + "ln_1.bias"] = (C,)
+        shapes[h + "attn.c_attn.weight"] = (3 * C, C)
+        if cfg.qkv_bias:
+            shapes[h + "attn.c_attn.bias"] = (3 * C,)
+        shapes[h + "attn.c_proj.weight"] = (C, C)
+        shapes[h + "attn.c_proj.bias"] = (C,)
+        shapes[h + "ln_2.weight"] = (C,)
+        shapes[h + "ln_2.bias"] = (C,)
+        shapes[h + "mlp.c_fc.weight"] = (4 * C, C)
+        shapes[h + "mlp.c_fc.bias"] = (4 * C,)
+        shapes[h + "mlp.c_proj.weight"] = (C, 4 * C)
+        shapes[h + "mlp.c_proj.bias"] = (C,)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not cfg.tie_weights:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def num_params(cfg: GPTConfig) -> int:
+    """Number of trainable parameters (a tied head is counted once)."""
+    total = 0
+    for shape in param_shapes(cfg).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def init_params(cfg: GPTConfig, seed: int = 123, dtype="float32") -> dict[str, np.ndarray]:
+    """GPT-2's initialisation: weights N(0, 0.02), the two residual projections of each block
+    scaled by 1/sqrt(2 * n_layers), biases 0, LayerNorm scale 1.
+
+    Values are drawn in float32 and then cast, so a float64 model starts from exactly the
+    same numbers as a float32 one.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".bias"):
+            p = np.zeros(shape, dtype)
+        elif ".ln_" in name or name.startswith("ln_f"):
+            p = np.ones(shape, dtype)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            p = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype, copy=False)
+        params[name] = p
+    return params
+
+
+def check_params(params: dict, shapes: dict[str, tuple]) -> None:
+    """Strict loading: the same names, and each array of the expected shape."""
+    missing = [n for n in shapes if n not in params]
+    unexpected = [n for n in params if n not in shapes]
+    if missing or unexpected:
+        raise ValueError(f"parameter names do not match the model: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for name, shape in shapes.items():
+        got = tuple(np.shape(params[name]))
+        if got != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")

@@ -1,0 +1,110 @@
+"""Decoding: temperature, top-k and top-p turn the last position's logits into next-token
+probabilities; generate() runs the model's own loop (with a KV cache) after checking its arguments.
+
+The NumPy rules here are the reference; the torch backend implements the same rules in torch
+(torch_backend/sampling.py) and the parity suite checks that they agree.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def check_sampling_args(vocab_size, temperature=1.0, top_k=None, top_p=None):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
+            or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be an integer in [1, {vocab_size}] or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndarray:
+    """logits (..., V) -> probabilities (..., V), in float64.
+
+    temperature 0: all mass on the argmax (the first one on ties), as greedy decoding picks.
+    top_k: logits below the k-th largest become -inf (ties with the k-th value are kept, as the
+           book's torch.where(logits < min_val, -inf, logits) does).
+    temperature T > 0: softmax(logits / T).
+    top_p: keep the smallest set of most likely tokens whose probability sums to at least p
+           (sorted by probability, ties broken by lower token id), then renormalise.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    V = logits.shape[-1]
+    check_sampling_args(V, temperature, top_k, top_p)
+    if temperature == 0:
+        probs = np.zeros_like(logits)
+        np.put_along_axis(probs, logits.argmax(axis=-1)[..., None], 1.0, axis=-1)
+        return probs
+    if top_k is not None:
+        kth = np.sort(logits, axis=-1)[..., V - top_k][..., None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    z = logits / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs     # mass of the more likely tokens
+        keep_sorted = before < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def sample(probs, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row of probs (B, V) by inverting the cumulative distribution -> (B,)."""
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]
+    # first index whose cumulative mass exceeds u: zero-probability tokens are never picked
+    return (cdf <= u[:, None]).sum(axis=-1)
+
+
+def generate(model, idx, max_new_tokens=25, context_size=None, temperature=0.0, top_k=None,
+             top_p=None, eos_id=None, seed=None, use_cache=True):
+    """Extend idx (B, T) by up to max_new_tokens tokens -> (B, T + n), in the model's own backend.
+
+    temperature=0 is greedy (the book's generate_text_simple); the context is cropped to the
+    last context_size tokens (default: the model's context_length); generation stops once every
+    row has produced eos_id (rows that finish early are padded with eos_id).
+    """
+    cfg = model.cfg
+    idx = check_token_ids(idx, cfg.vocab_size, "idx")
+    if idx.shape[1] == 0:
+        raise ValueError("idx is empty: generation needs at least one prompt token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if context_size is None:
+        context_size = cfg.context_length
+    if isinstance(context_size, bool) or not isinstance(context_size, (int, np.integer)) \
+            or not 1 <= context_size <= cfg.context_length:
+        raise ValueError(f"context_size must be an integer in [1, {cfg.context_length}], got {context_size!r}")
+    check_sampling_args(cfg.vocab_size, temperature, top_k, top_p)
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer))
+                               or not 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
+    return model.generate(idx, max_new_tokens=int(max_new_tokens), context_size=int(context_size),
+                          temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
+                          seed=seed, use_cache=use_cache)
+
+
+def check_token_ids(ids, vocab_size, what="token ids") -> np.ndarray:
+    """ids as an int64 (B, T) array, every id in [0, vocab_size)."""
+    arr = np.asarray(ids)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size})")
+    return arr.astype(np.int64, copy=False)
