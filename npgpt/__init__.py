@@ -1,9 +1,12 @@
 """npgpt: GPT-2 pretraining from scratch, in hand-written NumPy and in PyTorch, behind one interface."""
 from .backend import AdamW, build_model
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import load_corpus, make_loaders
 from .params import init_params, num_params, param_shapes
 from .sampling import generate, next_token_probs
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from .train import (TrainingDiverged, calc_loss_batch, calc_loss_loader, evaluate_model,
+                    train_model_simple, warmup_cosine_lr)
 
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ layers.py: B batch, T time, C channels, NH heads, V vocabulary, N = B * T.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..config import GPTConfig
@@ -73,8 +75,11 @@ class NumpyGPT:
         return loss, {name: g.copy() for name, g in self.g.items()}
 
     def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
-        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss."""
+        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
+        A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
         loss = self.forward_backward(inputs, targets)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
         if clip_norm is not None:
             self.clip_grad_norm(clip_norm)
         optimizer.step()
@@ -87,6 +92,13 @@ class NumpyGPT:
         if coef < 1.0:
             self.flat_grads *= self.dtype.type(coef)
         return norm
+
+    def rng_state(self) -> dict:
+        """The dropout RNG's state (JSON-serialisable), saved in checkpoints for exact resumes."""
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
 
     def generate(self, idx, **kwargs):
         from .generate import generate
