@@ -1,0 +1,130 @@
+"""AdamW for the torch backend: torch.optim.AdamW (fused where the device supports it) with the
+NumPy backend's parameter groups, behind the same surface as npgpt.numpy_backend.optim.AdamW.
+
+state() / load_state() speak the NumPy optimizer's format (moments as NumPy arrays by parameter
+name), so optimizer state moves between the backends and through checkpoints unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ..numpy_backend.optim import no_decay
+from ..params import check_params
+from .model import to_numpy
+
+
+@functools.lru_cache(maxsize=None)
+def fused_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch has a fused AdamW kernel for this device and dtype: try one step on a scalar."""
+    p = torch.zeros(1, dtype=dtype, device=device_type, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except RuntimeError:
+        return False
+    return True
+
+
+def make_adamw(model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
+    return TorchAdamW(model, lr, weight_decay, betas, eps, decay_all)
+
+
+class TorchAdamW:
+    """torch.optim.AdamW with settable hyperparameters (.lr, .betas, .eps, .weight_decay) that
+    apply to every parameter group, and NumPy-format state()/load_state()."""
+
+    def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
+        self.model = model
+        self.step_count = 0
+        self._build(lr, weight_decay, betas, eps, decay_all)
+
+    def _build(self, lr, weight_decay, betas, eps, decay_all):
+        """The parameter groups of the NumPy AdamW: one group, or decayed / exempt."""
+        named = list(self.model.module.named_parameters())
+        groups = [{"params": [p for n, p in named if decay_all or not no_decay(n)], "weight_decay": weight_decay}]
+        if not decay_all:
+            groups.append({"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0})
+        self.decay_all, self._weight_decay = bool(decay_all), float(weight_decay)
+        name_of = {id(p): n for n, p in named}
+        self._names = [name_of[id(p)] for g in groups for p in g["params"]]   # state_dict's order
+        p0 = named[0][1]
+        impl = {"fused": True} if fused_supported(p0.device.type, p0.dtype) else {"foreach": True}
+        self.opt = torch.optim.AdamW(groups, lr=float(lr), betas=tuple(float(b) for b in betas),
+                                     eps=float(eps), **impl)
+
+    def step(self) -> None:
+        self.opt.step()
+        self.step_count += 1
+
+    # ---- hyperparameters, set on every group ----
+
+    def _set(self, key, value) -> None:
+        for group in self.opt.param_groups:
+            group[key] = value
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._set("lr", float(value))
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.opt.param_groups[0]["betas"]
+
+    @betas.setter
+    def betas(self, value) -> None:
+        self._set("betas", tuple(float(b) for b in value))
+
+    @property
+    def eps(self) -> float:
+        return self.opt.param_groups[0]["eps"]
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._set("eps", float(value))
+
+    @property
+    def weight_decay(self) -> float:
+        return self._weight_decay
+
+    @weight_decay.setter
+    def weight_decay(self, value: float) -> None:
+        self._weight_decay = float(value)
+        self.opt.param_groups[0]["weight_decay"] = self._weight_decay   # the exempt group keeps 0
+
+    # ---- state in the NumPy optimizer's format ----
+
+    def state(self) -> dict:
+        """Hyperparameters, step and the moments by parameter name (NumPy copies; zeros before
+        the first step, when torch has no state yet)."""
+        moments = {"exp_avg": {}, "exp_avg_sq": {}}
+        for name, p in self.model.module.named_parameters():
+            s = self.opt.state.get(p)
+            for key, by_name in moments.items():
+                by_name[name] = to_numpy(s[key]) if s else np.zeros(p.shape, self.model.dtype)
+        return {"step": self.step_count, "lr": self.lr, "betas": self.betas, "eps": self.eps,
+                "weight_decay": self.weight_decay, "decay_all": self.decay_all, **moments}
+
+    def load_state(self, state: dict) -> None:
+        """Take a state() dict of either backend: rebuild the groups with its hyperparameters and
+        give torch its per-parameter state through load_state_dict, which moves each tensor to
+        its parameter's device and dtype (and the step counter where fused kernels want it)."""
+        for key in ("exp_avg", "exp_avg_sq"):
+            check_params(state[key], self.model.shapes)
+        self._build(state["lr"], state["weight_decay"], state["betas"], state["eps"],
+                    state.get("decay_all", True))
+        step = int(state["step"])
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        saved = self.opt.state_dict()
+        saved["state"] = {i: {"step": torch.tensor(float(step)),
+                              "exp_avg": as_tensor(state["exp_avg"][name]),
+                              "exp_avg_sq": as_tensor(state["exp_avg_sq"][name])}
+                          for i, name in enumerate(self._names)}
+        self.opt.load_state_dict(saved)
+        self.step_count = step

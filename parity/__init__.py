@@ -1,0 +1,1 @@
+"""Parity suite: the NumPy and the PyTorch backends, built from the same parameters, must agree."""

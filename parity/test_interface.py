@@ -1,0 +1,65 @@
+"""The torch backend's surface matches the NumPy backend's: attributes, return types and
+dtypes, the training flag, and its option checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import npgpt
+
+from .helpers import build_pair, random_batch
+
+CFG = npgpt.GPTConfig(vocab_size=50, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_same_surface(dtype):
+    inputs, targets = random_batch(CFG, 2, 8, seed=0)
+    for model in build_pair(CFG, dtype):
+        assert model.cfg == CFG and model.dtype == np.dtype(dtype) and model.shapes == npgpt.param_shapes(CFG)
+        assert model.training and model.dropout_masks is None
+        assert model.eval() is model and not model.training
+        assert model.train() is model and model.training
+        model.training = False                      # what generate() does to restore the flag
+        assert not model.training
+        logits = model.logits(inputs)
+        assert logits.shape == (2, 8, CFG.vocab_size) and logits.dtype == np.dtype(dtype)
+        assert isinstance(model.loss(inputs, targets), float)
+        loss, grads = model.loss_and_grads(inputs, targets)
+        assert isinstance(loss, float) and list(grads) == list(model.shapes)
+        assert all(g.dtype == np.dtype(dtype) and g.shape == model.shapes[n] for n, g in grads.items())
+        assert isinstance(model.clip_grad_norm(1e9), float)
+        assert all(p.dtype == np.dtype(dtype) for p in model.params().values())
+    torch_model = build_pair(CFG, dtype)[1]
+    assert torch_model.backend == "torch" and torch_model.device == torch.device("cpu")
+    assert all(p.dtype == getattr(torch, dtype) for p in torch_model.module.parameters())
+    torch_model.eval()
+    assert not torch_model.module.training and not torch_model.module.h[0].attn.attn_dropout.training
+
+
+def test_torch_options_are_checked():
+    params = npgpt.init_params(CFG)
+    with pytest.raises(ValueError, match="autocast='bf16' needs a CUDA device"):
+        npgpt.build_model(CFG, "torch", params=params, device="cpu", autocast="bf16")
+    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
+        npgpt.build_model(CFG, "torch", params=params, device="cpu", autocast="fp16")
+    with pytest.raises(TypeError):
+        npgpt.build_model(CFG, "torch", params=params, device="cpu", bogus=True)
+    model = npgpt.build_model(CFG, "torch", params=params, device="cpu")
+    with pytest.raises(ValueError, match="longer than context_length 8"):
+        model.logits(np.zeros((1, 9), dtype=np.int64))
+
+
+def test_train_step_equals_its_parts():
+    params = npgpt.init_params(CFG, 1, "float64")
+    stepped, by_hand = (npgpt.build_model(CFG, "torch", dtype="float64", params=params).eval() for _ in range(2))
+    inputs, targets = random_batch(CFG, 2, 8, seed=1)
+    opt_a, opt_b = npgpt.AdamW(stepped, lr=1e-2), npgpt.AdamW(by_hand, lr=1e-2)
+    loss_a = stepped.train_step(inputs, targets, opt_a, clip_norm=0.01)
+    loss_b, _ = by_hand.loss_and_grads(inputs, targets)
+    assert by_hand.clip_grad_norm(0.01) > 0.01            # the clip acts
+    opt_b.step()
+    assert loss_a == loss_b and opt_a.step_count == opt_b.step_count == 1
+    for name, p in by_hand.params().items():
+        np.testing.assert_array_equal(stepped.params()[name], p, err_msg=name)

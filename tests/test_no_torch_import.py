@@ -1,0 +1,48 @@
+"""Importing npgpt and using the NumPy backend never imports torch: a subprocess in which torch
+cannot be imported trains and generates with the NumPy backend."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import sys
+import numpy as np
+import npgpt
+cfg = npgpt.GPTConfig.preset("tiny", vocab_size=100, context_length=16)
+model = npgpt.build_model(cfg, backend="numpy", seed=1)
+opt = npgpt.AdamW(model, lr=1e-3)
+rng = np.random.default_rng(0)
+inputs, targets = rng.integers(0, 100, (2, 2, 16))
+loss = model.train_step(inputs, targets, opt, clip_norm=1.0)
+assert np.isfinite(loss), loss
+out = npgpt.generate(model, inputs[:, :4], max_new_tokens=5, temperature=1.0, top_k=10, seed=0)
+assert out.shape == (2, 9), out.shape
+assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
+print("ok without torch")
+"""
+
+
+def run_without_torch(tmp_path, script):
+    blocker = tmp_path / "torch"            # shadows the real torch: importing it fails loudly
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text('raise ImportError("torch is blocked in this test")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_numpy_backend_without_torch(tmp_path):
+    result = run_without_torch(tmp_path, SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert "ok without torch" in result.stdout
+
+
+def test_the_blocker_blocks(tmp_path):
+    """The same setup does stop torch, so the test above would catch an import."""
+    result = run_without_torch(tmp_path, "import npgpt\nnpgpt.build_model(npgpt.GPTConfig.preset('tiny'), backend='torch')")
+    assert result.returncode != 0 and "torch is blocked in this test" in result.stderr
