@@ -16,6 +16,7 @@ class GPTConfig:
     drop_rate: float = 0.1       # dropout after embeddings, on attention weights and on both residual branches
     qkv_bias: bool = False       # bias in the query/key/value projection (GPT-2 has one, the book's 124M run not)
     tie_weights: bool = False    # output head shares wte (GPT-2) or has its own lm_head.weight (the book)
+    emb_init_std: float = 1.0    # std of wte and wpe at initialisation: 1.0 as the book's nn.Embedding, 0.02 in GPT-2
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -28,6 +29,9 @@ class GPTConfig:
         rate = self.drop_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be a number in [0, 1), got {rate!r}")
+        std = self.emb_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 < std < float("inf"):
+            raise ValueError(f"GPTConfig.emb_init_std must be a positive number, got {std!r}")
         for name in ("qkv_bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -60,7 +64,7 @@ class GPTConfig:
 
 def _gpt2(emb_dim, n_layers, n_heads):
     return GPTConfig(context_length=1024, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers,
-                     drop_rate=0.1, qkv_bias=True, tie_weights=True)
+                     drop_rate=0.1, qkv_bias=True, tie_weights=True, emb_init_std=0.02)
 
 
 # Sizes from the book's table of GPT-2 models (chapter 4) and OpenAI's hparams.json files.

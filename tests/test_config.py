@@ -211,15 +211,20 @@ def _close(value, target, rel):
     return abs(value - target) <= rel * target
 
 
-def test_init_statistics():
-    cfg = GPTConfig.preset("tiny")  # wte is 50257 x 32: 1.6M draws
+@pytest.mark.parametrize("preset, std", [("tiny", 1.0), ("gpt2-small", 0.02)])
+def test_embedding_init(preset, std):
+    """The book's presets keep nn.Embedding's N(0, 1) embeddings, GPT-2's use N(0, 0.02)."""
+    cfg = GPTConfig.preset(preset, n_layers=1)
     params = npgpt.init_params(cfg, seed=0)
-    wte = params["wte"].astype(np.float64)
-    assert _close(wte.std(), 0.02, 0.05), wte.std()
-    assert abs(wte.mean()) < 0.02 * 0.01
+    for name in ("wte", "wpe"):
+        p = params[name].astype(np.float64)
+        assert _close(p.std(), std, 0.05), (name, p.std())
+        assert abs(p.mean()) < std * 0.05
 
+
+def test_init_statistics():
     big = GPTConfig(vocab_size=512, context_length=64, emb_dim=256, n_heads=4, n_layers=4,
-                    qkv_bias=True, tie_weights=False)
+                    qkv_bias=True, tie_weights=False, emb_init_std=0.02)
     params = npgpt.init_params(big, seed=0)
     residual = 0.02 / math.sqrt(2 * big.n_layers)
     for name, p in params.items():
