@@ -11,7 +11,7 @@ import npgpt
 
 from .helpers import assert_close, build_pair
 
-CFG = npgpt.GPTConfig.preset("tiny")          # GPT-2's vocabulary, 2 layers, drop_rate 0
+CFG = npgpt.GPTConfig.preset("tiny", emb_init_std=0.02)   # GPT-2's vocabulary and init, 2 layers, no dropout
 
 
 @pytest.fixture(scope="module")
