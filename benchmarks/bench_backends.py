@@ -1,0 +1,132 @@
+"""Side-by-side speed of the NumPy and torch backends on this machine, in one run.
+
+    python benchmarks/bench_backends.py [--configs tiny small book-124m] [--repeats 5] [--out benchmarks/results]
+
+For each backend and config: train step (forward + backward + AdamW) at B=2, T=256 (the context
+length when shorter), tokens/s, achieved GFLOP/s and its share of the same library's measured
+float32 matmul peak, forward latency, greedy generation tokens/s (batch 1, 4-token prompt, 100 new
+tokens) with and without the KV cache, and peak RSS. Each backend runs in its own process (clean
+RSS); times are medians of --repeats runs after one warm-up. Writes results.md and results.json.
+
+FLOPs per trained token: 6 * N_matmul + 12 * L * T * C, where N_matmul counts the weights used in
+matrix products (all but the embeddings, the head included) and the second term is attention's
+q @ k^T and att @ v, forward and backward (the formula of the PaLM paper's appendix B).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {"tiny": dict(preset="tiny"),
+           "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4),
+           "book-124m": dict(preset="book-124m")}
+
+
+def median_time(fn, repeats):
+    fn()                                    # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(backend, repeats):
+    """Float32 GFLOP/s of a 2048^3 product in the backend's own library (OpenBLAS or MKL)."""
+    n = 2048
+    if backend == "numpy":
+        import numpy as np
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        fn = lambda: a @ a
+    else:
+        import torch
+        a = torch.randn(n, n)
+        fn = lambda: a @ a
+    return 2 * n ** 3 / median_time(fn, repeats) / 1e9
+
+
+def run_one(backend, name, repeats):
+    """Measure one backend on one config (called in a fresh process)."""
+    import numpy as np
+    import npgpt
+    spec = dict(CONFIGS[name])
+    cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
+    B, T = 2, min(256, cfg.context_length)
+    model = npgpt.build_model(cfg, backend=backend, seed=123)
+    opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, cfg.vocab_size, (2, B, T))
+    step = median_time(lambda: model.train_step(x, y, opt), repeats)
+    model.eval()
+    forward = median_time(lambda: model.logits(x), repeats)
+    shapes = npgpt.param_shapes(cfg)
+    n_matmul = sum(int(np.prod(s)) for n, s in shapes.items() if n.endswith("weight") and ".ln_" not in n
+                   and not n.startswith("ln_f")) + (cfg.vocab_size * cfg.emb_dim if cfg.tie_weights else 0)
+    flops_per_token = 6 * n_matmul + 12 * cfg.n_layers * T * cfg.emb_dim
+    prompt = np.array([[6109, 3626, 6100, 345]])
+    gen = {}
+    for use_cache in (True, False):
+        t = median_time(lambda: npgpt.generate(model, prompt, max_new_tokens=100, temperature=0.0,
+                                               use_cache=use_cache), max(1, repeats // 2))
+        gen[use_cache] = 100 / t
+    peak = matmul_peak(backend, repeats)
+    achieved = flops_per_token * B * T / step / 1e9
+    return {"backend": backend, "config": name, "params": npgpt.num_params(cfg), "B": B, "T": T,
+            "train_step_s": step, "tokens_per_s": B * T / step, "gflops": achieved,
+            "matmul_peak_gflops": peak, "share_of_peak": achieved / peak, "forward_s": forward,
+            "gen_tok_s_cache": gen[True], "gen_tok_s_no_cache": gen[False],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--backends", nargs="+", default=["numpy", "torch"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: backend config
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.repeats)))
+        return
+    import numpy
+    rows = []
+    for name in args.configs:
+        for backend in args.backends:
+            out = subprocess.run([sys.executable, __file__, "--one", backend, name, "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr)
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
+            "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+            "numpy": numpy.__version__, "torch": torch_version}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    head = ("| config | backend | train step s | tokens/s | GFLOP/s | % of matmul peak | forward s "
+            "| gen tok/s (cache) | gen tok/s (no cache) | peak RSS MB |\n|" + " --- |" * 10)
+    lines = [f"{meta}", "", head]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['backend']} | {r['train_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['gflops']:.0f} | {100 * r['share_of_peak']:.0f}% of {r['matmul_peak_gflops']:.0f} | "
+                     f"{r['forward_s']:.3f} | {r['gen_tok_s_cache']:.1f} | {r['gen_tok_s_no_cache']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
