@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .tokenizer import check_token_ids
+
 
 def check_sampling_args(vocab_size, temperature=1.0, top_k=None, top_p=None):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
@@ -94,17 +96,3 @@ def generate(model, idx, max_new_tokens=25, context_size=None, temperature=0.0, 
                           temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
                           seed=seed, use_cache=use_cache)
 
-
-def check_token_ids(ids, vocab_size, what="token ids") -> np.ndarray:
-    """ids as an int64 (B, T) array, every id in [0, vocab_size)."""
-    arr = np.asarray(ids)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
-        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size})")
-    return arr.astype(np.int64, copy=False)

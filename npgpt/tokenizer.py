@@ -63,6 +63,8 @@ def token_ids_to_text(ids, tokenizer: tiktoken.Encoding | None = None) -> str:
     """Decode ids of shape (T,) or (1, T) back to text."""
     tokenizer = tokenizer or get_tokenizer()
     ids = np.asarray(ids)
+    if ids.size:
+        check_token_ids(ids.reshape(1, -1), tokenizer.n_vocab)
     if ids.ndim == 2:
         if ids.shape[0] != 1:
             raise ValueError(f"token_ids_to_text expects one sequence, shape (T,) or (1, T); got {ids.shape}")
@@ -70,3 +72,21 @@ def token_ids_to_text(ids, tokenizer: tiktoken.Encoding | None = None) -> str:
     if ids.ndim != 1:
         raise ValueError(f"token_ids_to_text expects shape (T,) or (1, T), got {ids.shape}")
     return tokenizer.decode(ids.tolist())
+
+
+def check_token_ids(ids, vocab_size, what="token ids", context_length=None) -> np.ndarray:
+    """ids as an int64 (B, T) array, every id in [0, vocab_size) and T <= context_length if given."""
+    arr = np.asarray(ids)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size})")
+    if context_length is not None and arr.shape[1] > context_length:
+        raise ValueError(f"{what}: a sequence of {arr.shape[1]} tokens is longer than context_length "
+                         f"{context_length}")
+    return arr.astype(np.int64, copy=False)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..params import check_params, param_shapes
+from ..tokenizer import check_token_ids
 from . import layers as L
 
 
@@ -143,7 +144,11 @@ class NumpyGPT:
     def forward(self, idx, targets=None):
         """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches)."""
         cfg, p = self.cfg, self.p
-        idx = np.asarray(idx)
+        idx = check_token_ids(idx, cfg.vocab_size, "inputs", cfg.context_length)
+        if targets is not None:
+            targets = check_token_ids(targets, cfg.vocab_size, "targets", cfg.context_length)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets: shape {targets.shape} does not match the inputs' {idx.shape}")
         B, T = idx.shape
         C, NH, N, drop = cfg.emb_dim, cfg.n_heads, B * T, cfg.drop_rate
         x, emb_cache = L.embedding_forward(idx, p["wte"], p["wpe"])            # (B, T, C)
@@ -175,7 +180,7 @@ class NumpyGPT:
         caches = (emb_cache, drop_cache, blocks, lnf_cache, head_cache)
         if targets is None:
             return logits.reshape(B, T, -1), caches
-        loss, ce_cache = L.cross_entropy_forward(logits, np.asarray(targets).reshape(N))
+        loss, ce_cache = L.cross_entropy_forward(logits, targets.reshape(N))
         return loss, caches + (ce_cache,)
 
     def head_weight(self):
@@ -183,9 +188,9 @@ class NumpyGPT:
 
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; fills self.g with its gradients."""
-        B, T = np.shape(inputs)
-        C, N, g = self.cfg.emb_dim, B * T, self.g
         loss, (emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
+        B, T = emb_cache.shape
+        C, N, g = self.cfg.emb_dim, B * T, self.g
         dlogits = L.cross_entropy_backward(ce_cache)                            # (N, V)
         tied = self.cfg.tie_weights
         dx = L.linear_backward(dlogits, head_cache, g["wte"] if tied else g["lm_head.weight"])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import GPTConfig
 from ..params import check_params, param_shapes
+from ..tokenizer import check_token_ids
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -247,8 +248,9 @@ class TorchGPT:
 
     # ---- the interface shared with the NumPy backend ----
 
-    def _ids(self, ids) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+    def _ids(self, ids, what="inputs") -> torch.Tensor:
+        ids = check_token_ids(ids, self.cfg.vocab_size, what, self.cfg.context_length)
+        return torch.from_numpy(ids).to(self.device)
 
     def autocast_context(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast == "bf16")
@@ -260,12 +262,12 @@ class TorchGPT:
 
     def loss(self, inputs, targets) -> float:
         with torch.no_grad(), self.autocast_context():
-            return self.module(self._ids(inputs), self._ids(targets)).item()
+            return self.module(self._ids(inputs), self._ids(targets, "targets")).item()
 
     def _forward_backward(self, inputs, targets) -> torch.Tensor:
         self.module.zero_grad(set_to_none=True)
         with self.autocast_context():
-            loss = self._step_module(self._ids(inputs), self._ids(targets))
+            loss = self._step_module(self._ids(inputs), self._ids(targets, "targets"))
         loss.backward()
         return loss
 
