@@ -38,6 +38,10 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndar
     logits = np.asarray(logits, dtype=np.float64)
     V = logits.shape[-1]
     check_sampling_args(V, temperature, top_k, top_p)
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("logits must not contain NaN or +inf")
+    if not np.isfinite(logits).any(axis=-1).all():
+        raise ValueError("every row of logits needs at least one finite value")
     if temperature == 0:
         probs = np.zeros_like(logits)
         np.put_along_axis(probs, logits.argmax(axis=-1)[..., None], 1.0, axis=-1)
@@ -45,8 +49,7 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndar
     if top_k is not None:
         kth = np.sort(logits, axis=-1)[..., V - top_k][..., None]
         logits = np.where(logits < kth, -np.inf, logits)
-    z = logits / temperature
-    z = z - z.max(axis=-1, keepdims=True)
+    z = (logits - logits.max(axis=-1, keepdims=True)) / temperature    # <= 0: no overflow for tiny T
     probs = np.exp(z)
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1.0:

@@ -24,7 +24,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> torch.T
     if top_k is not None:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]        # (..., 1) the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))        # ties with it are kept
-    probs = torch.softmax(logits / temperature, dim=-1)
+    z = (logits - logits.amax(dim=-1, keepdim=True)) / temperature    # <= 0: no overflow for tiny T
+    probs = torch.softmax(z, dim=-1)
     if top_p is not None and top_p < 1.0:
         # descending, ties by lower token id; keep a token while the more likely ones hold < top_p
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
