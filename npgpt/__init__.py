@@ -4,6 +4,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, GPTConfig
 from .data import load_corpus, make_loaders
 from .params import init_params, num_params, param_shapes
+from .pretrained import export_hf, load_pretrained
 from .sampling import generate, next_token_probs
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from .train import (TrainingDiverged, calc_loss_batch, calc_loss_loader, evaluate_model,
