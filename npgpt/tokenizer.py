@@ -2,6 +2,8 @@
 
 `tiktoken.get_encoding("gpt2")` downloads its files on first use; this module builds the same
 Encoding from the bundled gpt2.tiktoken (OpenAI, MIT licence) after checking its sha256.
+tokenizer_from_openai_files builds one from the encoder.json and vocab.bpe that come with a
+checkpoint, parsed and checked here.
 """
 from __future__ import annotations
 
@@ -42,12 +44,69 @@ def get_tokenizer() -> tiktoken.Encoding:
                              special_tokens={ENDOFTEXT: ENDOFTEXT_ID}, explicit_n_vocab=50257)
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the character that spells each byte in encoder.json and
+    vocab.bpe -> that byte. Printable Latin-1 bytes spell themselves; the other 68 (control
+    characters, space, ...) take the characters from U+0100 on, in byte order (space is 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
 def tokenizer_from_openai_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tiktoken.Encoding:
-    """The tokenizer described by an OpenAI checkpoint folder's encoder.json and vocab.bpe."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
-    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-    specials = {tok: i for tok, i in encoder.items() if tok.startswith("<|") and tok.endswith("|>")}
+    """The tokenizer described by an OpenAI checkpoint folder's encoder.json and vocab.bpe (or
+    Hugging Face's vocab.json and merges.txt: the same files under other names).
+
+    encoder.json maps every token, spelled in GPT-2's byte alphabet, to its id; "<|...|>" tokens are
+    special. vocab.bpe is a "#version" line, then the merges "a b" in the order BPE applies them.
+    tiktoken applies the merge whose result has the lowest id, so each merge must make a token
+    with a higher id than the merges before it; this is checked, as is that every token of two
+    or more bytes is made by a merge. The files are read afresh on every call (tiktoken's own
+    loader caches them by path, and would miss a rewritten file)."""
+    encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
+    try:
+        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{encoder_json}: not a JSON file ({e})") from None
+    if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
+        raise ValueError(f"{encoder_json}: expected a JSON object of token -> integer id")
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise ValueError(f"{encoder_json}: the ids are not 0..{len(encoder) - 1}, each once")
+    alphabet = _byte_alphabet()
+    specials = {t: i for t, i in encoder.items() if t.startswith("<|") and t.endswith("|>")}
+    ranks = {}
+    for token, i in encoder.items():
+        if token not in specials:
+            if not token or any(ch not in alphabet for ch in token):
+                raise ValueError(f"{encoder_json}: token {token!r} is not spelled in GPT-2's byte alphabet")
+            ranks[bytes(alphabet[ch] for ch in token)] = i
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{encoder_json}: no token for the bytes {missing[:8]}; every byte needs one")
+
+    lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].startswith("#version"):
+        raise ValueError(f"{vocab_bpe}: expected a '#version' line first, found {lines[:1]}")
+    made, last = set(), -1
+    for n, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or any(p not in encoder or p in specials for p in parts):
+            raise ValueError(f"{vocab_bpe} line {n}: expected a merge of two tokens of {encoder_json.name}, "
+                             f"got {line!r}")
+        token = parts[0] + parts[1]
+        if token not in encoder or token in specials:
+            raise ValueError(f"{vocab_bpe} line {n}: merge {line!r} makes {token!r}, which is not a token of "
+                             f"{encoder_json.name}")
+        if encoder[token] <= last:
+            raise ValueError(f"{vocab_bpe} line {n}: merge {line!r} makes id {encoder[token]} after a merge "
+                             f"that made id {last}; the merges must come in the order of their ids")
+        made.add(token)
+        last = encoder[token]
+    unmade = [t for t in encoder if len(t) > 1 and t not in specials and t not in made]
+    if unmade:
+        raise ValueError(f"{encoder_json}: tokens {unmade[:5]} are made by no merge of {vocab_bpe}")
     return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens=specials)
 

@@ -52,12 +52,6 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def no_tiktoken_cache(monkeypatch):
-    """tiktoken caches encoder.json / vocab.bpe by path under /tmp; tests write fresh files."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-
-
 def assert_close(name, got, ref, atol=1e-5, rtol=0.0):
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
@@ -319,6 +313,49 @@ def test_full_size_tokenizer_files_give_the_bundled_gpt2_tokenizer(tmp_path, ver
     tok, bundled = load_tokenizer(tmp_path), npgpt.get_tokenizer()
     assert tok._mergeable_ranks == bundled._mergeable_ranks and tok._special_tokens == bundled._special_tokens
     assert tok.encode(verdict_text) == bundled.encode(verdict_text)
+
+
+def write_openai_tokenizer(folder, encoder, merges):
+    (folder / "encoder.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    (folder / "vocab.bpe").write_text("\n".join(merges) + "\n", encoding="utf-8")
+
+
+def fixture_tokenizer_files():
+    """(encoder.json as a dict, vocab.bpe's lines, header first) of the OpenAI fixture."""
+    return (json.loads((OPENAI / "encoder.json").read_text(encoding="utf-8")),
+            (OPENAI / "vocab.bpe").read_text(encoding="utf-8").splitlines())
+
+
+def test_tokenizer_files_rewritten_in_place_give_the_new_tokenizer(tmp_path, monkeypatch):
+    """tiktoken's loader (data_gym_to_mergeable_bpe_ranks) caches the files by path, by default under
+    /tmp/data-gym-cache, and so returned the first merges for files rewritten at the same path."""
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)            # caching on, as for a user
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    encoder, merges = fixture_tokenizer_files()
+    write_openai_tokenizer(tmp_path, encoder, merges)
+    first = load_tokenizer(tmp_path)
+    dropped = "".join(merges[-1].split())                              # the last merge's token, id 319
+    encoder = {t: i for t, i in encoder.items() if t != dropped} | {"<|endoftext|>": encoder[dropped]}
+    write_openai_tokenizer(tmp_path, encoder, merges[:-1])
+    second = load_tokenizer(tmp_path)
+    assert len(second._mergeable_ranks) == len(first._mergeable_ranks) - 1
+    assert second._special_tokens == {"<|endoftext|>": HP["n_vocab"] - 2}
+    word = first.decode([HP["n_vocab"] - 2])
+    assert first.encode(word) == [HP["n_vocab"] - 2] and len(second.encode(word)) == 2
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda e, m: (e, m[1:]), r"vocab.bpe: expected a '#version' line first"),
+    (lambda e, m: (e, m + ["Ġt qqq"]), r"vocab.bpe line 66: expected a merge of two tokens of encoder.json"),
+    (lambda e, m: (e, [m[0], m[2], m[1], *m[3:]]), r"vocab.bpe line 3: .* the merges must come in the order"),
+    (lambda e, m: (e, m[:-1]), r"encoder.json: tokens \['.*'\] are made by no merge"),
+    (lambda e, m: ({**e, "<|endoftext|>": 5}, m), r"encoder.json: the ids are not 0..320, each once"),
+    (lambda e, m: ({**e, "a b": len(e)}, m), r"encoder.json: token 'a b' is not spelled in GPT-2's byte alphabet"),
+])
+def test_inconsistent_tokenizer_files_are_a_value_error_naming_the_file(tmp_path, damage, error):
+    write_openai_tokenizer(tmp_path, *damage(*fixture_tokenizer_files()))
+    with pytest.raises(ValueError, match=error):
+        load_tokenizer(tmp_path)
 
 
 # ---- Hugging Face ----

@@ -48,7 +48,10 @@ def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarr
 class NumpyGPT:
     backend = "numpy"
 
-    def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray], dtype="float32", seed: int = 123):
+    def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray] | None = None, dtype="float32",
+                 seed: int = 123):
+        """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
+        that then writes each tensor straight into param_views()."""
         keep_freed_memory()
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
@@ -60,7 +63,8 @@ class NumpyGPT:
         self.flat_grads = np.zeros(n, self.dtype)
         self.p = flat_views(self.flat_params, self.shapes)
         self.g = flat_views(self.flat_grads, self.shapes)
-        self.load_params(params)
+        if params is not None:
+            self.load_params(params)
         self.training = True
         self.rng = np.random.default_rng(seed)   # dropout masks
         self.dropout_masks = None                # tests: callable(name, shape) -> bool keep-mask
@@ -77,6 +81,11 @@ class NumpyGPT:
 
     def params(self) -> dict[str, np.ndarray]:
         return {name: p.copy() for name, p in self.p.items()}
+
+    def param_views(self) -> dict[str, np.ndarray]:
+        """The parameters themselves, by name: writable views into flat_params, so writes go
+        straight into the model (params() returns copies)."""
+        return dict(self.p)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         check_params(params, self.shapes)

@@ -1,0 +1,121 @@
+"""Weights read one tensor at a time: LazyParam, the Reader interface of the weight-file readers,
+torch state_dicts, and building a model whose parameters are filled from lazy tensors.
+
+The readers of the file formats (safetensors_io.py, tfbundle.py, TorchReader below) know shapes
+and dtypes up front and read data only when asked, so a loader holds at most one tensor besides
+the model. Pickles are never run: torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .config import GPTConfig
+from .params import check_params, param_shapes
+
+
+class LazyParam:
+    """A parameter not read yet: its shape and dtype, and fill(out) to read it into an array.
+    np.asarray(p) reads it into a new array, so a dict of these can go to model.load_params."""
+
+    def __init__(self, shape, dtype, fill):
+        self.shape, self.dtype, self.fill = tuple(shape), np.dtype(dtype), fill
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, dtype or self.dtype)
+        self.fill(out)
+        return out
+
+
+def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="float32", device=None, seed=123):
+    """A model whose parameters are read from params (LazyParam or arrays), one tensor at a time.
+
+    The NumPy backend's tensors are views into one flat buffer (param_views()): each is read
+    straight into its view. Other backends get the lazy dict through load_params, one tensor in
+    memory at a time besides the model."""
+    if backend != "numpy":
+        from .backend import build_model
+        zero = np.zeros((), np.dtype(dtype))             # the torch backend needs initial values
+        placeholders = {name: np.broadcast_to(zero, np.shape(p)) for name, p in params.items()}
+        model = build_model(cfg, backend=backend, dtype=dtype, device=device, seed=seed, params=placeholders)
+        model.load_params(params)                    # LazyParams are read as load_params asks for them
+        return model
+    if device not in (None, "cpu"):                  # as backend.build_model says it
+        raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
+    from .numpy_backend import NumpyGPT
+    check_params(params, param_shapes(cfg))          # before allocating the model
+    model = NumpyGPT(cfg, None, dtype=dtype, seed=seed)
+    for name, view in model.param_views().items():
+        p = params[name]
+        if isinstance(p, LazyParam):
+            p.fill(view)
+        else:
+            view[...] = p
+    return model
+
+
+def read_exact(f, offset: int, out: np.ndarray) -> None:
+    """Read out.nbytes bytes of the unbuffered file f at offset straight into the contiguous array out."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:done + (1 << 28)])
+        if not n:
+            raise ValueError(f"{f.name}: file ends {len(view) - done} bytes early at offset {offset + done}")
+        done += n
+
+
+class Reader:
+    """Tensors of one source by name: shapes known up front, data read on demand."""
+    where = ""                         # the file or folder, for error messages
+
+    def __init__(self):
+        self.info = {}                 # name -> (dtype, shape)
+
+    def read(self, name) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_into(self, name, out) -> None:
+        np.copyto(out, self.read(name), casting="same_kind")
+
+    def close(self) -> None:
+        pass
+
+
+class TorchReader(Reader):
+    """A state_dict from torch.load(..., weights_only=True): plain tensors, no pickled code."""
+
+    def __init__(self, state: dict, where: str):
+        super().__init__()
+        self.where, self.state = where, state
+        for name, t in state.items():
+            self.info[name] = (np.dtype(str(t.dtype).replace("torch.", "").replace("bfloat16", "float32")),
+                               tuple(t.shape))
+
+    def read(self, name):
+        import torch
+        t = self.state[name].detach()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def torch_state_dict(path) -> dict:
+    """A .pth / .bin state_dict through torch.load(weights_only=True): tensors and plain
+    containers only; a file that needs any other class to unpickle is refused, never run."""
+    import pickle
+    import torch
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:           # torch's legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not loadable as plain tensors with torch.load(weights_only=True); "
+                         f"npgpt never unpickles arbitrary objects ({str(e).strip().splitlines()[0]})") from None
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]                         # the book's model + optimizer file
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state_dict (names -> tensors), got {type(state).__name__}")
+    strip = re.compile(r"^(module\.|_orig_mod\.)+")                # DDP / torch.compile wrappers
+    return {strip.sub("", k): v for k, v in state.items()}
