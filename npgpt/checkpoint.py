@@ -1,16 +1,22 @@
 """npgpt's checkpoint: one HDF5 file that either backend writes and either backend resumes.
 
 Layout:
-  /                attrs: format, version, config (JSON), dtype, backend
+  /                attrs: format, version, config (JSON), dtype, backend, checksum
   /params/NAME     one dataset per parameter (GPT-2 names, (out, in) layout), attr crc32
   /optimizer       attrs: step, lr, betas, eps, weight_decay, decay_all
   /optimizer/exp_avg/NAME, /optimizer/exp_avg_sq/NAME
   /train_state     attrs: epoch, global_step, tokens_seen, rng (JSON; backend-specific),
                           run (JSON: the command line's data and schedule settings, if any)
                    datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs
-A file is written to a temporary name beside the target, flushed, fsynced and renamed over it,
-so a crash leaves either the old checkpoint or the new one, never half of one. Loading reads each
-tensor straight into the model's (and the optimizer's) own arrays: no second copy of the weights.
+A file is written to a temporary name beside the target (.NAME.*.tmp), flushed, fsynced and
+renamed over it, so a crash leaves either the old checkpoint or the new one, never half of one.
+Loading reads each tensor straight into the model's (and the optimizer's) own arrays: no second
+copy of the weights.
+
+Nothing read is trusted: each tensor's crc32 covers its data, and the root's checksum (version 2)
+covers everything else (every attribute, every dataset's name, shape and dtype, the train_state
+lists), so a damaged file is refused, never loaded with other values. Every failure to read a
+file is a ValueError (CheckpointError) that names it; a missing file a FileNotFoundError.
 """
 from __future__ import annotations
 
@@ -25,10 +31,12 @@ import h5py
 import numpy as np
 
 from .config import GPTConfig
+from .params import check_params, param_shapes
 from .train import TrainState
 
 FORMAT = "npgpt-checkpoint"
-VERSION = 1
+VERSION = 2                 # 2 added the root checksum; version 1 files (tensor crc32s only) still load
+_TENSOR_GROUPS = ("params/", "optimizer/exp_avg/", "optimizer/exp_avg_sq/")     # data under their own crc32
 _STATE_LISTS = ("train_losses", "val_losses", "track_tokens_seen", "track_steps", "lrs")
 
 
@@ -42,6 +50,44 @@ def _write_tensors(group, tensors: dict):
         ds.attrs["crc32"] = _crc32(array)
 
 
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this npgpt reads: damaged, another format, or newer."""
+
+
+def _fixed(text: str) -> np.bytes_:
+    """Text as a fixed-length string attribute. h5py stores str as variable-length strings, which
+    live in HDF5's global heap: it has no checksum, and reading a damaged one can hang."""
+    return np.bytes_(text.encode("utf-8"))
+
+
+def _text(value) -> str:
+    """A string attribute as str: fixed-length (bytes, version 2) or variable-length (version 1)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _plain(value):
+    """An attribute or a small dataset as JSON-able data that keeps its type: (dtype, shape, values)."""
+    a = np.asarray(value)
+    return [a.dtype.str, list(a.shape), a.tobytes().hex() if a.dtype.kind in "SV" else a.tolist()]
+
+
+def _digest(f: h5py.File) -> int:
+    """crc32 of everything in the file that the tensors' own crc32s do not cover: every attribute
+    (the tensors' crc32s among them), the name, shape and dtype of every dataset, and the data of
+    the datasets outside the tensor groups. Computed on the file as written and as read."""
+    items = [["/", sorted((k, _plain(v)) for k, v in f.attrs.items() if k != "checksum")]]
+
+    def visit(name, obj):
+        item = [name, sorted((k, _plain(v)) for k, v in obj.attrs.items())]
+        if isinstance(obj, h5py.Dataset):
+            item += [list(obj.shape), obj.dtype.str]
+            if not name.startswith(_TENSOR_GROUPS):
+                item.append(_plain(obj[()]))
+        items.append(item)
+    f.visititems(visit)
+    return zlib.crc32(json.dumps(sorted(items)).encode())
+
+
 def _lazy_tensors(group, where: str) -> dict:
     """{name: LazyParam}: each dataset is read when asked, straight into the caller's array
     (Dataset.read_direct) when its dtype matches, and its crc32 checked."""
@@ -49,12 +95,20 @@ def _lazy_tensors(group, where: str) -> dict:
 
     def filler(ds, name):
         def fill(out):
+            if not ds.id.valid:
+                raise RuntimeError(f"{where}/{name}: read the tensors inside open_checkpoint's with block")
+            path = ds.file.filename
             direct = out.dtype == ds.dtype and out.flags.c_contiguous
             data = out if direct else np.empty(ds.shape, ds.dtype)
-            if data.size:
-                ds.read_direct(data)
-            if "crc32" in ds.attrs and _crc32(data) != int(ds.attrs["crc32"]):
-                raise ValueError(f"{where}/{name}: checksum mismatch, the checkpoint is corrupted")
+            try:
+                if data.size:
+                    ds.read_direct(data)
+                expected = int(ds.attrs["crc32"])
+            except Exception as e:      # h5py on a damaged file: OSError, KeyError, RuntimeError, ...
+                raise CheckpointError(f"{path}: {where}/{name} cannot be read, the checkpoint is damaged "
+                                      f"({type(e).__name__}: {e})") from None
+            if _crc32(data) != expected:
+                raise CheckpointError(f"{path}: {where}/{name}: checksum mismatch, the checkpoint is corrupted")
             if not direct:
                 np.copyto(out, data, casting="same_kind")
         return fill
@@ -110,9 +164,11 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                                  f"the previous checkpoint at {path} is kept")
 
     def write(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(format=FORMAT, version=VERSION, config=model.cfg.to_json(),
-                           dtype=str(model.dtype), backend=model.backend)
+        # HDF5 1.10's formats checksum the file's own structures (superblock, object headers, B-trees),
+        # so the library refuses damaged ones instead of misreading them
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs.update(format=_fixed(FORMAT), version=VERSION, config=_fixed(model.cfg.to_json()),
+                           dtype=_fixed(str(model.dtype)), backend=_fixed(model.backend))
             _write_tensors(f.create_group("params"), params)
             if optimizer is not None:
                 opt_state = optimizer.state()
@@ -125,10 +181,11 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
             t = f.create_group("train_state")
             rng = model.rng_state() if hasattr(model, "rng_state") else None
             t.attrs.update(epoch=state.epoch, global_step=state.global_step, tokens_seen=state.tokens_seen,
-                           rng=json.dumps({"backend": model.backend, "state": rng}),
-                           run=json.dumps(run or {}))
+                           rng=_fixed(json.dumps({"backend": model.backend, "state": rng})),
+                           run=_fixed(json.dumps(run or {})))
             for name in _STATE_LISTS:
                 t.create_dataset(name, data=np.asarray(getattr(state, name), dtype=np.float64))
+            f.attrs["checksum"] = _digest(f)
             f.flush()
 
     return atomic_write(path, write)
@@ -142,40 +199,66 @@ def open_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file (empty, truncated or another format)")
+        raise CheckpointError(f"{path}: not an HDF5 file (empty, truncated or another format); "
+                              "expected an npgpt .h5 checkpoint")
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path}: damaged checkpoint ({e})") from None
+    except Exception as e:                  # h5py's errors on a damaged file are of many types
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     with f:
         try:
-            if f.attrs.get("format") != FORMAT:
-                raise ValueError(f"{path}: not an npgpt checkpoint (format attribute "
-                                 f"{f.attrs.get('format')!r}, expected {FORMAT!r})")
-            version = int(f.attrs["version"])
-            if version > VERSION:
-                raise ValueError(f"{path}: checkpoint format version {version} is newer than this npgpt "
-                                 f"reads ({VERSION}); upgrade npgpt")
-            out = {"config": GPTConfig.from_dict(json.loads(f.attrs["config"])),
-                   "dtype": str(f.attrs["dtype"]), "params": _lazy_tensors(f["params"], "params"),
-                   "optimizer": None}
-            if "optimizer" in f:
-                g = f["optimizer"]
-                out["optimizer"] = {key: g.attrs[key].tolist() for key in
-                                    ("step", "lr", "betas", "eps", "weight_decay", "decay_all")}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    out["optimizer"][key] = _lazy_tensors(g[key], f"optimizer/{key}")
-            t = f["train_state"]
-            state = TrainState(epoch=int(t.attrs["epoch"]), global_step=int(t.attrs["global_step"]),
-                               tokens_seen=int(t.attrs["tokens_seen"]))
-            for name in _STATE_LISTS:
-                values = t[name][()].tolist()
-                setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
-            out["state"], out["rng"] = state, json.loads(t.attrs["rng"])
-            out["run"] = json.loads(t.attrs["run"]) if "run" in t.attrs else {}
-        except (KeyError, OSError) as e:
-            raise ValueError(f"{path}: damaged or incomplete checkpoint ({e})") from None
+            out = _contents(f, path)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: damaged or incomplete checkpoint ({type(e).__name__}: {e})") from None
         yield out
+
+
+def _contents(f: h5py.File, path: Path) -> dict:
+    """open_checkpoint's dict, each check raising a CheckpointError that says what is wrong."""
+    form = _text(f.attrs.get("format", ""))
+    if form != FORMAT:
+        raise CheckpointError(f"{path}: not an npgpt checkpoint (format attribute {form!r}, expected {FORMAT!r})")
+    version = int(f.attrs["version"])
+    if version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this npgpt reads "
+                              f"({VERSION}); upgrade npgpt")
+    if version < 1:
+        raise CheckpointError(f"{path}: checkpoint format version {version}; expected 1 to {VERSION}")
+    if version >= 2 and int(f.attrs["checksum"]) != _digest(f):
+        raise CheckpointError(f"{path}: checksum mismatch in its attributes or layout, the checkpoint is "
+                              "corrupted")
+    try:
+        cfg = GPTConfig.from_dict(json.loads(_text(f.attrs["config"])))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its config is not valid ({e})") from None
+    dtype = _text(f.attrs["dtype"])
+    if dtype not in ("float32", "float64"):
+        raise CheckpointError(f"{path}: dtype {dtype!r}; expected 'float32' or 'float64'")
+    out = {"config": cfg, "dtype": dtype, "params": _lazy_tensors(f["params"], "params"), "optimizer": None}
+    groups = {"params": out["params"]}
+    if "optimizer" in f:
+        g = f["optimizer"]
+        out["optimizer"] = {key: g.attrs[key].tolist() for key in
+                            ("step", "lr", "betas", "eps", "weight_decay", "decay_all")}
+        for key in ("exp_avg", "exp_avg_sq"):
+            groups[f"optimizer/{key}"] = out["optimizer"][key] = _lazy_tensors(g[key], f"optimizer/{key}")
+    shapes = param_shapes(cfg)
+    for where, tensors in groups.items():
+        try:
+            check_params(tensors, shapes)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the tensors in {where}/ do not fit its config ({e})") from None
+    t = f["train_state"]
+    state = TrainState(epoch=int(t.attrs["epoch"]), global_step=int(t.attrs["global_step"]),
+                       tokens_seen=int(t.attrs["tokens_seen"]))
+    for name in _STATE_LISTS:
+        values = t[name][()].tolist()
+        setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
+    out["state"], out["rng"] = state, json.loads(_text(t.attrs["rng"]))
+    out["run"] = json.loads(_text(t.attrs["run"])) if "run" in t.attrs else {}
+    return out
 
 
 def read_checkpoint(path) -> dict:

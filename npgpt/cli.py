@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from pathlib import Path
 # value (else the default here); the ones that decide the batches must not change mid-run.
 RUN_DEFAULTS = {"data": None, "epochs": 10, "batch_size": 2, "max_length": None, "stride": None, "seed": 123,
                 "lr": 5e-4, "weight_decay": 0.1, "eval_freq": 5, "eval_iter": 5, "warmup": 0, "cosine": False,
-                "clip": None, "save_every": 0, "start_context": "Every effort moves you"}
+                "clip": None, "save_every": 0, "start_context": "Every effort moves you",
+                "world_size": 1}    # torchrun's processes, each with its own --batch-size windows a step
 SAME_BATCHES = ("data", "batch_size", "max_length", "stride", "seed")
 
 
@@ -27,7 +31,8 @@ def _train_parser(sub):
     d = RUN_DEFAULTS
     p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
     p.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: The Verdict)")
-    p.add_argument("--preset", default="book-124m", help="model size (book-124m, gpt2-small, ..., tiny)")
+    p.add_argument("--preset", help="model size (book-124m, gpt2-small, ..., tiny; default: book-124m, "
+                                    "or the --resume checkpoint's)")
     p.add_argument("--drop-rate", type=float, help="dropout rate (default: the preset's)")
     p.add_argument("--epochs", type=int, help=f"total epochs of the run (default: {d['epochs']})")
     p.add_argument("--batch-size", type=int, help=f"default: {d['batch_size']}")
@@ -45,7 +50,8 @@ def _train_parser(sub):
     p.add_argument("--save-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
     p.add_argument("--resume", metavar="CKPT", help="continue the run saved in a checkpoint, with its settings")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="default: float32, or the --resume "
+                                                                  "checkpoint's")
     p.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {d['seed']})")
     p.add_argument("--start-context", help=f"prompt of the samples (default: {d['start_context']!r})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,10 +100,20 @@ def _resolve_run(args) -> None:
     """Fill the run settings not given: from the resumed checkpoint's, else RUN_DEFAULTS (a checkpoint
     saved without them keeps its optimizer's lr and weight decay)."""
     from .checkpoint import open_checkpoint
+    from .config import GPTConfig
     saved = {}
     if args.resume:
         with open_checkpoint(args.resume) as ckpt:
             saved = ckpt["run"]
+        if args.preset is not None and GPTConfig.preset(args.preset, drop_rate=ckpt["config"].drop_rate) \
+                != ckpt["config"]:
+            raise ValueError(f"--preset {args.preset}: {args.resume} holds another model ({ckpt['config']}), "
+                             "and a resumed run keeps its model (leave --preset out)")
+        if args.dtype is not None and args.dtype != ckpt["dtype"]:
+            raise ValueError(f"--dtype {args.dtype}: {args.resume} was trained in {ckpt['dtype']}, and a resumed "
+                             "run keeps its model (leave --dtype out)")
+    else:
+        args.preset, args.dtype = args.preset or "book-124m", args.dtype or "float32"
     if args.data is not None:
         args.data = str(Path(args.data).resolve())
     changed = [k for k in SAME_BATCHES if k in saved and getattr(args, k) not in (None, saved[k])]
@@ -110,15 +126,96 @@ def _resolve_run(args) -> None:
             keep_optimizer = args.resume and key in ("lr", "weight_decay")
             setattr(args, key, saved.get(key, None if keep_optimizer else default))
     args.out = args.out or (str(Path(args.resume).parent) if args.resume else "runs/npgpt")
+    _check_run(args)
+
+
+def _check_run(args) -> None:
+    """The run's numbers, given or resumed, before anything is built: each error names the option."""
+    def check(key, ok, expected):
+        value = getattr(args, key)
+        if value is not None and (isinstance(value, bool) or not ok(value)):
+            raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
+    for key in ("epochs", "batch_size", "max_length", "stride", "eval_freq", "eval_iter"):
+        check(key, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
+    for key in ("save_every", "warmup", "seed"):
+        check(key, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    check("clip", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf, "a positive number")
+    for key in ("lr", "weight_decay"):
+        check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf, "a number >= 0")
+
+
+class _Stopped(Exception):
+    """Raised at a step boundary after a signal asked the run to stop; its checkpoint is saved."""
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM while training: the first one only sets a flag, which the loop
+    checks after each step (the run saves its checkpoint there, between two optimizer steps, and
+    exits with 128 + the signal's number: 130 for Ctrl-C); a second one interrupts at once. Signals
+    ignored when npgpt started (nohup) stay ignored; the previous handlers come back on exit."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise _Stopped
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+
+def _kept(ckpt_path) -> str:
+    """What a run that stopped on an error leaves behind: its last checkpoint, as it was."""
+    from .checkpoint import open_checkpoint
+    try:
+        with open_checkpoint(ckpt_path) as ckpt:
+            state = ckpt["state"]
+    except (OSError, ValueError):
+        return f"no checkpoint was saved to {ckpt_path}"
+    return f"the last checkpoint, {ckpt_path} (step {state.global_step}), is kept as it was"
 
 
 def cmd_train(args):
     import npgpt
+    from .checkpoint import atomic_write
     from .plot import plot_losses
     from .train import TrainState
 
     tok = npgpt.get_tokenizer()
+    args.world_size = None                      # the resumed run's, else 1
     _resolve_run(args)
+    ranks = None                                # started by torchrun: data-parallel, one rank per process
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if args.backend != "torch":
+            raise ValueError("under torchrun, train with --backend torch (DistributedDataParallel); "
+                             "the numpy backend runs in one process")
+        from .torch_backend.distributed import Ranks
+        ranks = Ranks(args.device)
+        args.device = str(ranks.device)
+    world_size = 1 if ranks is None else ranks.world_size
+    if args.resume and args.world_size != world_size:
+        raise ValueError(f"{args.resume} was trained by {args.world_size} processes (torchrun ranks), this run "
+                         f"has {world_size}; a resumed run must see the same batches, so resume it with "
+                         f"{args.world_size}")
+    args.world_size = world_size
+    is_main = ranks is None or ranks.is_main    # rank 0 alone prints and writes files
     if args.resume:
         model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device)
         if opt is None:
@@ -145,30 +242,60 @@ def cmd_train(args):
     text = npgpt.load_corpus(args.data)
     train_loader, val_loader = npgpt.make_loaders(text, tok, batch_size=args.batch_size, max_length=max_length,
                                                   stride=args.stride, seed=args.seed)
+    if ranks is not None:
+        ranks.wrap(model)
+        train_loader, val_loader = ranks.shard(train_loader), ranks.shard(val_loader)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.h5"
     started = time.time()
 
     def save(state):
+        if not is_main:
+            return
         npgpt.save_checkpoint(ckpt_path, model, opt, state=state, run=run)
         history = {"train_losses": state.train_losses, "val_losses": state.val_losses,
                    "tokens_seen": state.track_tokens_seen, "steps": state.track_steps, "lrs": state.lrs,
                    "epoch": state.epoch, "global_step": state.global_step, "config": cfg.to_dict(),
                    "backend": model.backend, "wall_time_s": round(time.time() - started, 1)}
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
+
+    stop = _StopOnSignal()
 
     def on_step(state):
-        if args.save_every and (state.global_step + 1) % args.save_every == 0:
+        if args.save_every and (state.global_step + 1) % args.save_every == 0 or stop.signum is not None:
             save(state)
+        stop.check()
 
-    print(f"npgpt: {args.backend} backend, {npgpt.num_params(cfg):,} parameters, {len(train_loader)} train / "
-          f"{len(val_loader)} val batches of {args.batch_size}x{max_length} tokens, {args.epochs} epochs",
-          file=sys.stderr)
-    npgpt.train_model_simple(model, train_loader, val_loader, opt, args.epochs, args.eval_freq, args.eval_iter,
-                             args.start_context, tok, warmup_steps=args.warmup, cosine=args.cosine,
-                             clip_norm=args.clip, state=state, on_step=on_step, on_epoch_end=save,
-                             progress=not args.no_progress)
+    def on_epoch_end(state):
+        save(state)
+        stop.check()
+
+    if is_main:
+        print(f"npgpt: {args.backend} backend, {npgpt.num_params(cfg):,} parameters, {len(train_loader)} train / "
+              f"{len(val_loader)} val batches of {args.batch_size}x{max_length} tokens"
+              f"{f' on each of {world_size} processes' if ranks else ''}, {args.epochs} epochs", file=sys.stderr)
+    try:
+        with stop:
+            npgpt.train_model_simple(model, train_loader, val_loader, opt, args.epochs, args.eval_freq,
+                                     args.eval_iter, args.start_context, tok, warmup_steps=args.warmup,
+                                     cosine=args.cosine, clip_norm=args.clip, state=state, on_step=on_step,
+                                     on_epoch_end=on_epoch_end, progress=not args.no_progress and is_main,
+                                     print_fn=None if is_main else (lambda *_: None))
+    except _Stopped:
+        epoch = state.global_step // len(train_loader) + 1
+        print(f"npgpt: {signal.Signals(stop.signum).name} at step {state.global_step} (epoch {epoch}); "
+              f"saved {ckpt_path}; continue with: npgpt train --resume {ckpt_path}", file=sys.stderr)
+        return 128 + stop.signum
+    except npgpt.TrainingDiverged as e:
+        raise npgpt.TrainingDiverged(f"training diverged at {e}; {_kept(ckpt_path)}") from e
+    except OSError as e:                                     # a save failed: disk full, no permission, ...
+        raise OSError(f"training stopped: {e}; {_kept(ckpt_path)}") from e
+    if ranks is not None:
+        ranks.finish()
+        if not is_main:
+            return 0
     if state.train_losses:
         plot_losses(args.epochs, state.track_tokens_seen, state.train_losses, state.val_losses, out / "loss.png")
     print(f"npgpt: done in {time.time() - started:.0f} s; wrote {ckpt_path}, {out / 'history.json'}"
@@ -199,7 +326,7 @@ def cmd_generate(args):
     model, tok = _load_model(args)
     if not args.prompt:
         raise ValueError("--prompt is empty: generation needs at least one token")
-    ids = npgpt.text_to_token_ids(args.prompt, tok)[:, -model.cfg.context_length:]   # the book crops too
+    ids = npgpt.text_to_token_ids(args.prompt, tok)     # generate() looks at the last context_length tokens
     out = npgpt.generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(npgpt.token_ids_to_text(out, tok))
@@ -246,7 +373,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         if args.debug:
             raise
-        print(f"npgpt {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"npgpt {args.command}: error: {message or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -152,6 +152,12 @@ def make_loaders(text: str, tokenizer, batch_size: int = 2, max_length: int = 25
             raise ValueError(f"Not enough tokens for the {name} loader: its text has {len(ids)} tokens, "
                              f"one window needs at least {max_length + 1} (max_length={max_length} + 1). "
                              "Use a longer text, a smaller max_length or a different train_ratio.")
-        loaders.append(DataLoader(ids, batch_size, max_length, stride, shuffle=shuffle and is_train,
-                                  drop_last=is_train, seed=seed))
+        loader = DataLoader(ids, batch_size, max_length, stride, shuffle=shuffle and is_train,
+                            drop_last=is_train, seed=seed)
+        if len(loader) == 0:                # the train loader drops a partial batch: it could have none
+            raise ValueError(f"Not enough windows for one {name} batch: its {len(ids)} tokens make "
+                             f"{len(loader.starts)} windows of {max_length + 1} tokens (stride {stride}), "
+                             f"batch_size is {batch_size}. Use a longer text or a smaller batch_size, "
+                             "max_length or stride.")
+        loaders.append(loader)
     return tuple(loaders)

@@ -104,12 +104,16 @@ def torch_state_dict(path) -> dict:
     """A .pth / .bin state_dict through torch.load(weights_only=True): tensors and plain
     containers only; a file that needs any other class to unpickle is refused, never run."""
     import pickle
+    import warnings
     import torch
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:           # torch's legacy (pre-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns (with advice to unpickle anyway) before refusing a file; the refusal below says it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:           # torch's legacy (pre-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not loadable as plain tensors with torch.load(weights_only=True); "
                          f"npgpt never unpickles arbitrary objects ({str(e).strip().splitlines()[0]})") from None

@@ -122,7 +122,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                 except FloatingPointError as e:
                     raise TrainingDiverged(f"step {step} (epoch {epoch + 1}): {e}") from None
                 state.global_step = step
-                state.tokens_seen += int(np.size(inputs))
+                state.tokens_seen += int(np.size(inputs)) * getattr(train_loader, "world_size", 1)  # all ranks
                 state.lrs.append(optimizer.lr)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", lr=f"{optimizer.lr:.2e}")

@@ -111,3 +111,27 @@ def test_nan_loss_stops_training_and_keeps_the_checkpoint(tmp_path, verdict_text
         npgpt.save_checkpoint(path, model, opt)
     assert path.read_bytes() == saved
     assert math.isfinite(npgpt.load_checkpoint(path)[0].loss(*next(iter(val))))
+
+
+def test_the_train_loader_has_at_least_one_batch():
+    """It drops a partial last batch, so fewer windows than batch_size would give no batch at all:
+    an error that gives the counts, not an epoch that does nothing."""
+    tok = npgpt.get_tokenizer()
+    text = " a" * 400                                   # 360 train tokens: 22 windows of 16 + 1 tokens
+    assert len(npgpt.make_loaders(text, tok, batch_size=22, max_length=16, stride=16)[0]) == 1
+    with pytest.raises(ValueError, match=r"one training batch: its 360 tokens make 22 windows of 17 tokens "
+                                         r"\(stride 16\), batch_size is 23"):
+        npgpt.make_loaders(text, tok, batch_size=23, max_length=16, stride=16)
+
+
+@pytest.mark.parametrize("content, error", [(None, FileNotFoundError), (b"", ValueError), (b"not hdf5", ValueError),
+                                            ("half", ValueError)])
+def test_load_checkpoint_raises_only_the_documented_errors(tmp_path, content, error):
+    path = tmp_path / "c.h5"
+    if content == "half":
+        npgpt.save_checkpoint(path, MODEL)
+        content = path.read_bytes()[:path.stat().st_size // 2]
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match="c.h5"):
+        npgpt.load_checkpoint(path)

@@ -197,6 +197,7 @@ class TorchGPT:
         self.load_params(params)
         self._step_module = torch.compile(self.module) if compile else self.module
         self._dropout_masks = None
+        self.ranks = None      # under torchrun: distributed.Ranks, which wraps _step_module in DDP
         self.train()
 
     # ---- training flag and dropout masks ----
@@ -262,7 +263,13 @@ class TorchGPT:
 
     def loss(self, inputs, targets) -> float:
         with torch.no_grad(), self.autocast_context():
-            return self.module(self._ids(inputs), self._ids(targets, "targets")).item()
+            return self._reported(self.module(self._ids(inputs), self._ids(targets, "targets")), inputs)
+
+    def _reported(self, loss: torch.Tensor, inputs) -> float:
+        """The loss as a float; under torchrun, the mean over the windows of every rank's batch."""
+        if self.ranks is None:
+            return loss.item()
+        return self.ranks.mean_loss(loss, 1 if np.ndim(inputs) == 1 else len(inputs))
 
     def _forward_backward(self, inputs, targets) -> torch.Tensor:
         self.module.zero_grad(set_to_none=True)
@@ -272,7 +279,7 @@ class TorchGPT:
         return loss
 
     def loss_and_grads(self, inputs, targets):
-        loss = self._forward_backward(inputs, targets).item()
+        loss = self._reported(self._forward_backward(inputs, targets), inputs)
         return loss, {name: to_numpy(p.grad) for name, p in self.module.named_parameters()}
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -282,7 +289,7 @@ class TorchGPT:
     def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
         """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
         A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
-        loss = self._forward_backward(inputs, targets).item()
+        loss = self._reported(self._forward_backward(inputs, targets), inputs)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
         if clip_norm is not None:

@@ -1,0 +1,117 @@
+"""Data-parallel training over processes started by torchrun, on one machine or many.
+
+    torchrun --nproc_per_node=N -m npgpt train --backend torch ...
+
+Every rank (process) holds the whole model and reads its own batches: batches r, r + W, r + 2W, ...
+of the global order, for rank r of W. DistributedDataParallel averages the gradients during
+backward, so every rank takes the same AdamW step and the weights stay identical; they also start
+identical, since the initialisation comes from the seed, in NumPy. One step thus trains on W
+consecutive batches of the global order: exactly the batch of one process with W times the batch
+size. Losses are averaged over the ranks too, so each rank reports the loss of that global batch,
+and rank 0 alone prints and writes files (cli.py). Shapes: B batch per rank, T time, W ranks.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+class RankLoader:
+    """One rank's part of a DataLoader: its batches rank, rank + W, ... of the global order.
+
+    Every rank gets the same number of batches, because each batch is one collective step (a
+    gradient or loss all-reduce) that all ranks must join: a training loader (drop_last) drops the
+    global batches after the last full round of W, an evaluation loader pads its last round with
+    empty (0, T) batches, which weigh nothing in Ranks.mean_loss.
+    """
+
+    def __init__(self, loader, rank: int, world_size: int):
+        if loader.world_size != 1:
+            raise ValueError(f"the loader is already sharded (rank {loader.rank} of {loader.world_size})")
+        global_batches = len(loader)
+        loader.shard(rank, world_size)
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+        self.length = global_batches // world_size if loader.drop_last else -(-global_batches // world_size)
+        if self.length == 0:
+            raise ValueError(f"{global_batches} batches of {loader.batch_size} windows make no step for "
+                             f"{world_size} processes; use a longer text, or a smaller batch size or max length")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        empty = np.zeros((0, self.loader.max_length), dtype=np.int64)          # (0, T)
+        batches = iter(self.loader)
+        for _ in range(self.length):
+            yield next(batches, (empty, empty))                                # (B, T) each
+
+
+class Ranks:
+    """This process's place among torchrun's ranks (from RANK, WORLD_SIZE, LOCAL_RANK), and the
+    collectives the training needs. Creating it joins the process group: NCCL when the device is
+    CUDA (GPU cuda:LOCAL_RANK), gloo on the CPU."""
+
+    def __init__(self, device: str | None = None):
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", self.local_rank)    # one GPU per process on each node
+            torch.cuda.set_device(device)
+        self.device = device
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        atexit.register(self._leave)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        """Make a TorchGPT train data-parallel: its training forward/backward runs through DDP (which
+        starts by broadcasting rank 0's weights, identical already), and the losses that loss(),
+        loss_and_grads() and train_step() return are averaged over the ranks, so every rank must call
+        them together, in the same order. params() and generation keep using the plain module; a NaN
+        loss on one rank is NaN on all, so every rank skips that step alike."""
+        if self.rank > 0:
+            # each rank its own dropout masks; rank 0 keeps the random stream of a single process
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+        model._step_module = DistributedDataParallel(
+            model._step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        model.ranks = self
+        return model
+
+    def shard(self, loader) -> RankLoader:
+        return RankLoader(loader, self.rank, self.world_size)
+
+    def mean_loss(self, loss: torch.Tensor, n: int) -> float:
+        """The mean loss over the windows of every rank, from this rank's mean over its n windows:
+        sum(loss_r * n_r) / sum(n_r), in float64. With equal n_r it is the mean of the ranks' losses;
+        the last evaluation batch can leave a rank fewer windows, or none (its loss is then NaN)."""
+        local = loss.detach().double() * n if n else torch.zeros((), dtype=torch.float64, device=loss.device)
+        total = torch.stack([local, torch.tensor(float(n), dtype=torch.float64, device=loss.device)])
+        dist.all_reduce(total)
+        loss_sum, count = total.tolist()
+        return loss_sum / count
+
+    def finish(self) -> None:
+        """Wait for every rank, then leave the process group. Without the barrier about one gloo run
+        in four aborted at exit ("terminate called without an active exception")."""
+        dist.barrier()
+        dist.destroy_process_group()
+
+    def _leave(self) -> None:
+        # at exit after an error: leave without the barrier (the other ranks may never reach it);
+        # torchrun stops them when this process exits non-zero
+        if dist.is_initialized():
+            dist.destroy_process_group()
