@@ -264,6 +264,8 @@ def cmd_train(args):
     stop = _StopOnSignal()
 
     def on_step(state):
+        if ranks:               # every rank stops at the same step, whichever got the signal
+            stop.signum = ranks.agree_max(stop.signum or 0) or None
         if args.save_every and (state.global_step + 1) % args.save_every == 0 or stop.signum is not None:
             save(state)
         stop.check()
@@ -285,8 +287,12 @@ def cmd_train(args):
                                      print_fn=None if is_main else (lambda *_: None))
     except _Stopped:
         epoch = state.global_step // len(train_loader) + 1
-        print(f"npgpt: {signal.Signals(stop.signum).name} at step {state.global_step} (epoch {epoch}); "
-              f"saved {ckpt_path}; continue with: npgpt train --resume {ckpt_path}", file=sys.stderr)
+        if is_main:
+            launcher = f"torchrun --nproc_per_node={world_size} -m npgpt" if ranks else "npgpt"
+            print(f"npgpt: {signal.Signals(stop.signum).name} at step {state.global_step} (epoch {epoch}); "
+                  f"saved {ckpt_path}; continue with: {launcher} train --resume {ckpt_path}", file=sys.stderr)
+        if ranks:
+            ranks.finish()
         return 128 + stop.signum
     except npgpt.TrainingDiverged as e:
         raise npgpt.TrainingDiverged(f"training diverged at {e}; {_kept(ckpt_path)}") from e

@@ -104,6 +104,12 @@ class Ranks:
         loss_sum, count = total.tolist()
         return loss_sum / count
 
+    def agree_max(self, value: int) -> int:
+        """The largest of the ranks' values (a signal seen by any rank stops them all at one step)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def finish(self) -> None:
         """Wait for every rank, then leave the process group. Without the barrier about one gloo run
         in four aborted at exit ("terminate called without an active exception")."""
