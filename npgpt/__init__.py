@@ -11,3 +11,10 @@ from .train import (TrainingDiverged, calc_loss_batch, calc_loss_loader, evaluat
                     train_model_simple, warmup_cosine_lr)
 
 __version__ = "0.1.0"
+__all__ = [
+    "AdamW", "GPTConfig", "PRESETS", "TrainingDiverged", "build_model", "calc_loss_batch",
+    "calc_loss_loader", "evaluate_model", "export_hf", "generate", "get_tokenizer",
+    "init_params", "load_checkpoint", "load_corpus", "load_pretrained", "make_loaders",
+    "next_token_probs", "num_params", "param_shapes", "save_checkpoint", "text_to_token_ids",
+    "token_ids_to_text", "train_model_simple", "warmup_cosine_lr"
+]

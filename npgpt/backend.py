@@ -6,10 +6,29 @@ generate). torch is imported only when the torch backend is asked for.
 """
 from __future__ import annotations
 
+import math
+
 from .config import GPTConfig
 from .params import init_params
 
 BACKENDS = ("numpy", "torch")
+
+
+class Backend:
+    """What both models share. Each backend provides forward_backward(inputs, targets) -> float
+    (the mean loss, leaving the gradients in the model) and clip_grad_norm(max_norm); the step
+    built from them is written once, here."""
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
+        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
+        A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
+        loss = self.forward_backward(inputs, targets)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
+        if clip_norm is not None:
+            self.clip_grad_norm(clip_norm)
+        optimizer.step()
+        return loss
 
 
 def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: str = "float32",

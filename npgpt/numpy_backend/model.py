@@ -7,10 +7,10 @@ layers.py: B batch, T time, C channels, NH heads, V vocabulary, N = B * T.
 from __future__ import annotations
 
 import ctypes
-import math
 
 import numpy as np
 
+from ..backend import Backend
 from ..config import GPTConfig
 from ..params import check_params, param_shapes
 from ..tokenizer import check_token_ids
@@ -45,7 +45,7 @@ def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarr
     return views
 
 
-class NumpyGPT:
+class NumpyGPT(Backend):
     backend = "numpy"
 
     def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray] | None = None, dtype="float32",
@@ -103,17 +103,6 @@ class NumpyGPT:
     def loss_and_grads(self, inputs, targets):
         loss = self.forward_backward(inputs, targets)
         return loss, {name: g.copy() for name, g in self.g.items()}
-
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
-        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
-        A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
-        loss = self.forward_backward(inputs, targets)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
-        if clip_norm is not None:
-            self.clip_grad_norm(clip_norm)
-        optimizer.step()
-        return loss
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_)."""

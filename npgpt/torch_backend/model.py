@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backend import Backend
 from ..config import GPTConfig
 from ..params import check_params, param_shapes
 from ..tokenizer import check_token_ids
@@ -168,7 +169,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", copy=True).numpy()
 
 
-class TorchGPT:
+class TorchGPT(Backend):
     """The torch backend behind npgpt's interface (the same methods as NumpyGPT); arrays in and
     out are NumPy, everything in between stays on the device."""
 
@@ -278,24 +279,18 @@ class TorchGPT:
         loss.backward()
         return loss
 
+    def forward_backward(self, inputs, targets) -> float:
+        """Mean cross-entropy of one batch; leaves its gradients in the module (averaged over ranks
+        under DDP)."""
+        return self._reported(self._forward_backward(inputs, targets), inputs)
+
     def loss_and_grads(self, inputs, targets):
-        loss = self._reported(self._forward_backward(inputs, targets), inputs)
+        loss = self.forward_backward(inputs, targets)
         return loss, {name: to_numpy(p.grad) for name, p in self.module.named_parameters()}
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
-        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
-        A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
-        loss = self._reported(self._forward_backward(inputs, targets), inputs)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
-        if clip_norm is not None:
-            self.clip_grad_norm(clip_norm)
-        optimizer.step()
-        return loss
 
     def rng_state(self) -> dict:
         """torch's global RNG state (dropout draws from it), JSON-serialisable, for checkpoints."""
