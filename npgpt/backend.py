@@ -19,6 +19,18 @@ class Backend:
     (the mean loss, leaving the gradients in the model) and clip_grad_norm(max_norm); the step
     built from them is written once, here."""
 
+    peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
+
+    def flops_per_token(self, T: int) -> float:
+        """Training FLOPs per token at sequence length T: 6 per weight used in a matrix product
+        (forward 2, backward 4) plus attention's q @ k^T and att @ v, 12 * L * T * C."""
+        cfg = self.cfg
+        weights = sum(math.prod(shape) for name, shape in self.shapes.items()
+                      if name.endswith("weight") and len(shape) == 2)   # linear layers and lm_head
+        if cfg.tie_weights:
+            weights += cfg.vocab_size * cfg.emb_dim        # wte, used as the head
+        return 6 * weights + 12 * cfg.n_layers * T * cfg.emb_dim
+
     def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
         """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
         A NaN or infinite loss raises FloatingPointError before the parameters are touched."""

@@ -271,14 +271,14 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path, backend="numpy", dtype=None, device=None):
+def load_checkpoint(path, backend="numpy", dtype=None, device=None, **torch_options):
     """-> (model, optimizer or None, TrainState). Either backend loads what either wrote; the
-    dropout RNG state carries over when the backend is the same."""
+    dropout RNG state carries over when the backend is the same. torch_options as build_model's."""
     from .backend import AdamW
     from .pretrained import build_loaded_model
     with open_checkpoint(path) as ckpt:
         model = build_loaded_model(ckpt["config"], ckpt["params"], backend=backend,
-                                   dtype=dtype or ckpt["dtype"], device=device)
+                                   dtype=dtype or ckpt["dtype"], device=device, **torch_options)
         rng = ckpt["rng"]
         if rng.get("backend") == model.backend and rng.get("state") is not None \
                 and hasattr(model, "set_rng_state"):

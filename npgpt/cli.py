@@ -50,6 +50,10 @@ def _train_parser(sub):
     p.add_argument("--save-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
     p.add_argument("--resume", metavar="CKPT", help="continue the run saved in a checkpoint, with its settings")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--autocast", choices=("bf16",), help="torch on CUDA: bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile the training step")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="torch: run each batch as K micro-batches (same gradients, less memory)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default: float32, or the --resume "
                                                                   "checkpoint's")
     p.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {d['seed']})")
@@ -216,8 +220,13 @@ def cmd_train(args):
                          f"{args.world_size}")
     args.world_size = world_size
     is_main = ranks is None or ranks.is_main    # rank 0 alone prints and writes files
+    torch_options = {k: v for k, v in (("autocast", args.autocast), ("compile", args.compile),
+                                       ("grad_accum", args.grad_accum)) if v not in (None, False, 1)}
+    if torch_options and args.backend != "torch":
+        raise ValueError(f"--{next(iter(torch_options)).replace('_', '-')} needs --backend torch")
     if args.resume:
-        model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device)
+        model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device,
+                                                  **torch_options)
         if opt is None:
             raise ValueError(f"{args.resume}: holds no optimizer state, so training cannot resume from it")
         if args.drop_rate is not None and args.drop_rate != model.cfg.drop_rate:
@@ -230,7 +239,8 @@ def cmd_train(args):
     else:
         overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
         cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
-        model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device)
+        model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device,
+                                  **torch_options)
         opt = npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
         state = TrainState()
     cfg = model.cfg

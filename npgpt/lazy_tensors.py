@@ -28,7 +28,8 @@ class LazyParam:
         return out
 
 
-def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="float32", device=None, seed=123):
+def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="float32", device=None, seed=123,
+                       **torch_options):
     """A model whose parameters are read from params (LazyParam or arrays), one tensor at a time.
 
     The NumPy backend's tensors are views into one flat buffer (param_views()): each is read
@@ -38,9 +39,12 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
         from .backend import build_model
         zero = np.zeros((), np.dtype(dtype))             # the torch backend needs initial values
         placeholders = {name: np.broadcast_to(zero, np.shape(p)) for name, p in params.items()}
-        model = build_model(cfg, backend=backend, dtype=dtype, device=device, seed=seed, params=placeholders)
+        model = build_model(cfg, backend=backend, dtype=dtype, device=device, seed=seed, params=placeholders,
+                            **torch_options)
         model.load_params(params)                    # LazyParams are read as load_params asks for them
         return model
+    if torch_options:
+        raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only")
     if device not in (None, "cpu"):                  # as backend.build_model says it
         raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
     from .numpy_backend import NumpyGPT

@@ -8,6 +8,7 @@ This file knows nothing of either backend's internals.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,15 +118,23 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                     optimizer.lr = warmup_cosine_lr(step, peak_lr, total_steps, warmup_steps,
                                                     initial_lr, min_lr, cosine)
                 clip = clip_norm if step >= warmup_steps else None
+                started = time.perf_counter()
                 try:
                     loss = model.train_step(inputs, targets, optimizer, clip_norm=clip)
                 except FloatingPointError as e:
                     raise TrainingDiverged(f"step {step} (epoch {epoch + 1}): {e}") from None
+                seconds = time.perf_counter() - started
+                world = getattr(train_loader, "world_size", 1)                # torchrun's processes
+                tokens = int(np.size(inputs)) * world
                 state.global_step = step
-                state.tokens_seen += int(np.size(inputs)) * getattr(train_loader, "world_size", 1)  # all ranks
+                state.tokens_seen += tokens                                   # over every rank
                 state.lrs.append(optimizer.lr)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", lr=f"{optimizer.lr:.2e}")
+                speed = {"tok/s": f"{tokens / seconds:.0f}"}
+                if getattr(model, "peak_flops", None):    # model FLOPs utilisation over every rank's GPU
+                    flops = model.flops_per_token(np.shape(inputs)[-1]) * tokens / seconds
+                    speed["mfu"] = f"{flops / (model.peak_flops * world):.0%}"
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", lr=f"{optimizer.lr:.2e}", **speed)
                 if step % eval_freq == 0:
                     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
                     state.train_losses.append(train_loss)

@@ -8,7 +8,7 @@ import torch
 
 import npgpt
 
-from .helpers import build_pair, random_batch
+from .helpers import assert_close, build_pair, random_batch
 
 CFG = npgpt.GPTConfig(vocab_size=50, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.1)
 
@@ -63,3 +63,30 @@ def test_train_step_equals_its_parts():
     assert loss_a == loss_b and opt_a.step_count == opt_b.step_count == 1
     for name, p in by_hand.params().items():
         np.testing.assert_array_equal(stepped.params()[name], p, err_msg=name)
+
+
+def test_gradient_accumulation_gives_the_whole_batch_gradients():
+    """grad_accum=k runs the batch as k micro-batches whose scaled gradients sum to the batch's."""
+    cfg = npgpt.GPTConfig.preset("tiny", vocab_size=100, context_length=16)
+    params = npgpt.init_params(cfg, 1, "float64")
+    whole = npgpt.build_model(cfg, "torch", dtype="float64", params=params)
+    accum = npgpt.build_model(cfg, "torch", dtype="float64", params=params, grad_accum=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 100, (2, 4, 16))
+    loss, grads = whole.loss_and_grads(x, y)
+    loss2, grads2 = accum.loss_and_grads(x, y)
+    assert_close("loss", loss2, loss, rtol=1e-12)
+    for name in grads:
+        assert_close(name, grads2[name], grads[name], atol=1e-15, rtol=1e-12)
+    with pytest.raises(ValueError, match="grad_accum=2"):
+        accum.loss_and_grads(x[:3], y[:3])
+
+
+def test_flops_per_token_counts_the_matmuls():
+    """6 FLOPs per weight of every matrix product (the tied head once more) + 12 * L * T * C."""
+    cfg = npgpt.GPTConfig.preset("gpt2-small")
+    model = npgpt.build_model(cfg, "torch", params={n: np.zeros(s, np.float32)
+                                                    for n, s in npgpt.param_shapes(cfg).items()})
+    C, L, V, T = 768, 12, 50257, 1024
+    per_block = 3 * C * C + C * C + 4 * C * C + 4 * C * C
+    assert model.flops_per_token(T) == 6 * (L * per_block + V * C) + 12 * L * T * C

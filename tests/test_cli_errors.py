@@ -234,3 +234,8 @@ def test_python_m_npgpt_shows_a_traceback_only_with_debug(files):
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == f"FileNotFoundError: corpus file not found: {files['missing']}"
+
+
+def test_torch_only_options_need_the_torch_backend(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--grad-accum", "2", "--out", str(tmp_path)]) == 2
+    assert "--grad-accum needs --backend torch" in capsys.readouterr().err

@@ -8,6 +8,7 @@ size, V vocabulary.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 
 import numpy as np
@@ -164,6 +165,20 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+# dense tensor-core FLOP/s per GPU from the vendors' data sheets: (bf16, tf32) for the MFU estimate
+PEAK_FLOPS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12),
+              "L4": (121e12, 60e12), "A10": (125e12, 62.5e12)}
+
+
+def cuda_peak_flops(device, bf16: bool):
+    """The device's peak FLOP/s at the training precision, if it is a GPU we know; else None."""
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16_peak, tf32_peak) in PEAK_FLOPS.items():
+        if key in name:
+            return bf16_peak if bf16 else tf32_peak
+    return None
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy copy of a tensor on any device."""
     return t.detach().to("cpu", copy=True).numpy()
@@ -176,9 +191,14 @@ class TorchGPT(Backend):
     backend = "torch"
 
     def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray], dtype="float32", seed: int = 123,
-                 device: str | None = None, compile: bool = False, autocast: str | None = None):
+                 device: str | None = None, compile: bool = False, autocast: str | None = None,
+                 grad_accum: int = 1):
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+        self.grad_accum = grad_accum      # a batch runs as this many micro-batches (less activation memory)
+        self.peak_flops = None
         self.cfg, self.dtype, self.shapes = cfg, np.dtype(dtype), param_shapes(cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if autocast not in (None, "bf16"):
@@ -186,6 +206,8 @@ class TorchGPT(Backend):
         if autocast and self.device.type != "cuda":
             raise ValueError(f"autocast='bf16' needs a CUDA device, got device {str(self.device)!r}")
         self.autocast = autocast
+        if self.device.type == "cuda":
+            self.peak_flops = cuda_peak_flops(self.device, bf16=autocast == "bf16")
         if self.device.type == "cuda" and dtype == "float32":
             torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for float32 matmuls
             torch.backends.cudnn.allow_tf32 = True
@@ -273,11 +295,24 @@ class TorchGPT(Backend):
         return self.ranks.mean_loss(loss, 1 if np.ndim(inputs) == 1 else len(inputs))
 
     def _forward_backward(self, inputs, targets) -> torch.Tensor:
+        """The batch's mean loss and its gradients. With grad_accum = k the batch runs as k equal
+        micro-batches, each loss scaled by 1/k, so the gradients sum to the whole batch's; under DDP
+        only the last backward exchanges gradients (no_sync)."""
+        inputs, targets = self._ids(inputs), self._ids(targets, "targets")
+        k = self.grad_accum
+        if len(inputs) % k:
+            raise ValueError(f"batch of {len(inputs)} sequences does not split into grad_accum={k} equal parts")
         self.module.zero_grad(set_to_none=True)
-        with self.autocast_context():
-            loss = self._step_module(self._ids(inputs), self._ids(targets, "targets"))
-        loss.backward()
-        return loss
+        total = 0.0
+        for i, (x, y) in enumerate(zip(inputs.chunk(k), targets.chunk(k))):
+            last = i == k - 1
+            sync = contextlib.nullcontext() if last or self.ranks is None else self._step_module.no_sync()
+            with sync:
+                with self.autocast_context():
+                    loss = self._step_module(x, y) / k
+                loss.backward()
+            total = total + loss.detach()
+        return total
 
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; leaves its gradients in the module (averaged over ranks
