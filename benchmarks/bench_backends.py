@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+ORDER = ["numpy", "torch", "torch-cuda", "book"]
 CONFIGS = {"tiny": dict(preset="tiny"),
            "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4),
            "book-124m": dict(preset="book-124m")}
@@ -51,8 +52,10 @@ def matmul_peak(backend, repeats):
         fn = lambda: a @ a
     else:
         import torch
-        a = torch.randn(n, n)
-        fn = lambda: a @ a
+        device = "cuda" if backend == "torch-cuda" else "cpu"
+        a = torch.randn(n, n, device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        fn = lambda: (a @ a, sync())
     return 2 * n ** 3 / median_time(fn, repeats) / 1e9
 
 
@@ -92,7 +95,12 @@ def run_one(backend, name, repeats):
         x, y = rng.integers(0, cfg.vocab_size, (2, B, T))
         step, forward = book_step(cfg, x, y, repeats)
         return summarise("book", name, cfg, B, T, step, forward, None, matmul_peak("torch", repeats))
-    model = npgpt.build_model(cfg, backend=backend, seed=123)
+    if backend == "numpy":
+        model = npgpt.build_model(cfg, backend="numpy", seed=123)
+    else:      # torch on the CPU, or "torch-cuda": bf16 autocast, TF32 and fused AdamW on the GPU
+        cuda = backend == "torch-cuda"
+        model = npgpt.build_model(cfg, backend="torch", seed=123, device="cuda" if cuda else "cpu",
+                                  autocast="bf16" if cuda else None)
     opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, cfg.vocab_size, (2, B, T))
@@ -126,7 +134,8 @@ def summarise(backend, name, cfg, B, T, step, forward, gen, peak):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--backends", nargs="+", default=["numpy", "torch", "book"])
+    parser.add_argument("--backends", nargs="+", help="numpy torch torch-cuda book (default: all that "
+                        "this machine has)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: backend config
@@ -136,7 +145,9 @@ def main():
         return
     import numpy
     rows = []
-    backends = list(args.backends)
+    backends = list(args.backends or ORDER)
+    if "torch-cuda" in backends and not (importlib.util.find_spec("torch") and __import__("torch").cuda.is_available()):
+        backends.remove("torch-cuda")
     if "book" in backends and importlib.util.find_spec("llms_from_scratch") is None:
         print("bench: llms-from-scratch not installed, skipping the book's model "
               "(pip install llms-from-scratch --no-deps)", file=sys.stderr)
@@ -189,7 +200,7 @@ def plot(rows, configs, path, meta):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    backends = sorted({r["backend"] for r in rows}, key=["numpy", "torch", "book"].index)
+    backends = sorted({r["backend"] for r in rows}, key=ORDER.index)
     by = {(r["config"], r["backend"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     width = 0.8 / len(backends)
