@@ -47,25 +47,32 @@ def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: 
                 device: str | None = None, params: dict | None = None, **torch_options):
     """A GPT-2 model initialised from the seed (or from params, a dict of NumPy arrays).
 
-    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" on CUDA.
+    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" on CUDA,
+    grad_accum=k to run each batch as k micro-batches.
     """
-    if not isinstance(cfg, GPTConfig):
-        raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    check_build_args(cfg, backend, dtype, device, torch_options)
     if params is None:
         params = init_params(cfg, seed, dtype)
+    if backend == "numpy":
+        from .numpy_backend import NumpyGPT
+        return NumpyGPT(cfg, params, dtype=dtype, seed=seed)
+    from .torch_backend import TorchGPT
+    return TorchGPT(cfg, params, dtype=dtype, seed=seed, device=device, **torch_options)
+
+
+def check_build_args(cfg, backend, dtype, device, torch_options) -> None:
+    """What build_model and the weight loaders accept, with errors that name the argument."""
+    if not isinstance(cfg, GPTConfig):
+        raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     if backend == "numpy":
         if device not in (None, "cpu"):
             raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
         if torch_options:
             raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only")
-        from .numpy_backend import NumpyGPT
-        return NumpyGPT(cfg, params, dtype=dtype, seed=seed)
-    if backend == "torch":
-        from .torch_backend import TorchGPT
-        return TorchGPT(cfg, params, dtype=dtype, seed=seed, device=device, **torch_options)
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
 def AdamW(model, lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.999), eps: float = 1e-8,

@@ -35,18 +35,15 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
     The NumPy backend's tensors are views into one flat buffer (param_views()): each is read
     straight into its view. Other backends get the lazy dict through load_params, one tensor in
     memory at a time besides the model."""
+    from .backend import build_model, check_build_args
+    check_build_args(cfg, backend, dtype, device, torch_options)
     if backend != "numpy":
-        from .backend import build_model
         zero = np.zeros((), np.dtype(dtype))             # the torch backend needs initial values
         placeholders = {name: np.broadcast_to(zero, np.shape(p)) for name, p in params.items()}
         model = build_model(cfg, backend=backend, dtype=dtype, device=device, seed=seed, params=placeholders,
                             **torch_options)
         model.load_params(params)                    # LazyParams are read as load_params asks for them
         return model
-    if torch_options:
-        raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only")
-    if device not in (None, "cpu"):                  # as backend.build_model says it
-        raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
     from .numpy_backend import NumpyGPT
     check_params(params, param_shapes(cfg))          # before allocating the model
     model = NumpyGPT(cfg, None, dtype=dtype, seed=seed)
