@@ -1,24 +1,42 @@
-"""Side-by-side speed of the NumPy and torch backends on this machine, in one run.
+"""The backends side by side on this machine, like with like, in one run.
 
-    python benchmarks/bench_backends.py [--configs tiny small book-124m] [--repeats 5] [--out benchmarks/results]
+    python benchmarks/bench_backends.py [--configs small book-124m] [--rounds 2] [--repeats 3]
+                                        [--variants numpy torch torch-bf16 book book+alloc]
 
-Backends: numpy, torch (npgpt's, on the CPU, fused AdamW), and as an outside reference "book":
-the book's GPTModel with its default torch.optim.AdamW (the llms-from-scratch package, installed
-with `pip install llms-from-scratch --no-deps`; skipped when absent). For each backend and config: train step (forward + backward + AdamW) at B=2, T=256 (the context
-length when shorter), tokens/s, achieved GFLOP/s and its share of the same library's measured
-float32 matmul peak, forward latency, greedy generation tokens/s (batch 1, 4-token prompt, 100 new
-tokens) with and without the KV cache, and peak RSS. Each backend runs in its own process (clean
-RSS); times are medians of --repeats runs after one warm-up. Writes results.md, results.json and results.png.
+Variants, each measured in a process of its own:
+  numpy       npgpt's NumPy backend, float32
+  torch       npgpt's torch backend on the CPU, float32, fused AdamW
+  torch-bf16  the same under torch.autocast("cpu", torch.bfloat16) (AVX512-BF16 or AMX where present)
+  torch-cuda  bf16 autocast, TF32 and fused AdamW on the GPU, where there is one
+  book        the book's GPTModel (llms-from-scratch, `pip install llms-from-scratch --no-deps`)
+              with its default torch.optim.AdamW, as its users run it: glibc's default allocator
+  book+alloc  the same with npgpt.memory.keep_freed_memory(), the allocator setting that both
+              npgpt backends make (without it a step pays ~250,000 page faults)
+Both npgpt backends keep freed memory, by their own process-wide choice (npgpt/memory.py).
 
-FLOPs per trained token: 6 * N_matmul + 12 * L * T * C, where N_matmul counts the weights used in
-matrix products (all but the embeddings, the head included) and the second term is attention's
-q @ k^T and att @ v, forward and backward (the formula of the PaLM paper's appendix B).
+Method: rounds alternate the variants (numpy, torch, ..., numpy, torch, ...), each variant of each
+round in a fresh process; in it one warm-up, then --repeats timed runs of each measurement; min and
+median over all rounds are reported. Measured: the train step (forward + backward + AdamW) at B=2,
+T=256 (the context length when shorter), the eval forward, greedy generation (batch 1, 4-token
+prompt, 100 new tokens) with the KV cache and, in round 1, without, page faults per step, and peak
+RSS. Each process also measures its library's float32 matmul peak (2048^3 products) and the read
+bandwidth of a float32 matrix-vector product over 256 MiB, the two limits: a step's GFLOP/s against
+the first, generation's weight bytes per token / seconds per token against the second. The NumPy
+process of round 1 adds a profile of its step per layer type (benchmarks/profile_numpy.py).
+"other load" is the CPU time used by other processes on the machine while a variant ran, in cores.
+
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE work around old OpenBLAS builds and slow down current
+NumPy; when set, both are removed together from the children's environment (--keep-openblas-env
+keeps them), and the OpenBLAS kernel that ran is reported (threadpoolctl).
+FLOPs per trained token: 6 * N_matmul + 12 * L * T * C (PaLM's appendix B).
+Writes results.md (what the README's performance section shows), results.json and results.png.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import resource
 import statistics
@@ -27,39 +45,73 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ["numpy", "torch", "torch-cuda", "book"]
+VARIANTS = ["numpy", "torch", "torch-bf16", "torch-cuda", "book", "book+alloc"]
 CONFIGS = {"tiny": dict(preset="tiny"),
            "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4),
            "book-124m": dict(preset="book-124m")}
+OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+GEN_TOKENS = 100
+PROMPT = [[6109, 3626, 6100, 345]]          # "Every effort moves you"
 
 
-def median_time(fn, repeats):
-    fn()                                    # warm-up
+# ---- in the child process: one variant, one config -----------------------------------------
+
+def timed(fn, repeats, warmup=1):
+    """Seconds of each of `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
-def matmul_peak(backend, repeats):
-    """Float32 GFLOP/s of a 2048^3 product in the backend's own library (OpenBLAS or MKL)."""
+def matmul_peak(lib, repeats, device="cpu", dtype="float32"):
+    """Best GFLOP/s of a 2048^3 product in the variant's own library (OpenBLAS, MKL, cuBLAS)."""
     n = 2048
-    if backend == "numpy":
+    if lib == "numpy":
         import numpy as np
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         fn = lambda: a @ a
     else:
         import torch
-        device = "cuda" if backend == "torch-cuda" else "cpu"
-        a = torch.randn(n, n, device=device)
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)))
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         fn = lambda: (a @ a, sync())
-    return 2 * n ** 3 / median_time(fn, repeats) / 1e9
+    return 2 * n ** 3 / min(timed(fn, repeats)) / 1e9
 
 
-def book_step(cfg, x, y, repeats):
+def read_bandwidth(lib, repeats):
+    """Best GB/s of a float32 matrix-vector product over a 256 MiB matrix: each weight read once,
+    as in generation."""
+    rows, cols = 16384, 4096
+    if lib == "numpy":
+        import numpy as np
+        w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+        x = np.ones(cols, np.float32)
+        fn = lambda: w @ x
+    else:
+        import torch
+        w, x = torch.randn(rows, cols), torch.ones(cols)
+        fn = lambda: torch.mv(w, x)
+    return w.nbytes if lib == "numpy" else w.numel() * 4, min(timed(fn, repeats + 2))
+
+
+def weight_bytes(cfg, itemsize=4):
+    """Bytes of the weights one generated token reads: every matrix of the blocks and the head."""
+    import npgpt
+    n = sum(int(__import__("math").prod(s)) for name, s in npgpt.param_shapes(cfg).items()
+            if name.endswith("weight") and len(s) == 2 and name != "wpe" and (name != "wte" or cfg.tie_weights))
+    return n * itemsize
+
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def book_model(cfg, x, y, repeats):
     """The book's model and training step (chapter 5's calc_loss_batch + default AdamW)."""
     import torch
     from llms_from_scratch.ch04 import GPTModel
@@ -76,146 +128,339 @@ def book_step(cfg, x, y, repeats):
         loss.backward()
         opt.step()
 
-    train = median_time(step, repeats)
+    step()
+    f0 = faults()
+    train = timed(step, repeats, warmup=0)
+    page_faults = (faults() - f0) / repeats
     model.eval()
     with torch.no_grad():
-        forward = median_time(lambda: model(x), repeats)
-    return train, forward
+        forward = timed(lambda: model(x), repeats)
+    return train, page_faults, forward
 
 
-def run_one(backend, name, repeats):
-    """Measure one backend on one config (called in a fresh process)."""
+def library_info(variant):
+    """BLAS and threads as this process runs them."""
+    info = {}
+    try:
+        import threadpoolctl
+        info["threadpools"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
+                                                        "threading_layer")}
+                               for p in threadpoolctl.threadpool_info()]
+    except ImportError:
+        info["threadpools"] = "threadpoolctl not installed"
+    if variant != "numpy":
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if variant == "numpy":
+        from npgpt.numpy_backend import threads
+        info["npgpt_threads"] = threads.num_threads()
+    from npgpt.memory import allocator_settings
+    info["allocator"] = allocator_settings()
+    return info
+
+
+def run_one(variant, name, repeats, first_round):
+    """Measure one variant on one config (called in a fresh process)."""
     import numpy as np
     import npgpt
+    if variant == "book+alloc":
+        from npgpt.memory import keep_freed_memory
+        keep_freed_memory()
     spec = dict(CONFIGS[name])
     cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
     B, T = 2, min(256, cfg.context_length)
-    if backend == "book":
-        rng = np.random.default_rng(0)
-        x, y = rng.integers(0, cfg.vocab_size, (2, B, T))
-        step, forward = book_step(cfg, x, y, repeats)
-        return summarise("book", name, cfg, B, T, step, forward, None, matmul_peak("torch", repeats))
-    if backend == "numpy":
-        model = npgpt.build_model(cfg, backend="numpy", seed=123)
-    else:      # torch on the CPU, or "torch-cuda": bf16 autocast, TF32 and fused AdamW on the GPU
-        cuda = backend == "torch-cuda"
-        model = npgpt.build_model(cfg, backend="torch", seed=123, device="cuda" if cuda else "cpu",
-                                  autocast="bf16" if cuda else None)
-    opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, cfg.vocab_size, (2, B, T))
-    step = median_time(lambda: model.train_step(x, y, opt), repeats)
-    model.eval()
-    forward = median_time(lambda: model.logits(x), repeats)
-    prompt = np.array([[6109, 3626, 6100, 345]])
-    gen = {}
-    for use_cache in (True, False):
-        t = median_time(lambda: npgpt.generate(model, prompt, max_new_tokens=100, temperature=0.0,
-                                               use_cache=use_cache), max(1, repeats // 2))
-        gen[use_cache] = 100 / t
-    return summarise(backend, name, cfg, B, T, step, forward, gen, matmul_peak(backend, repeats))
+    x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, B, T))
+    row = {"variant": variant, "config": name, "params": npgpt.num_params(cfg), "B": B, "T": T}
+    cuda = variant == "torch-cuda"
+    if variant.startswith("book"):
+        row["train_s"], row["page_faults_per_step"], row["forward_s"] = book_model(cfg, x, y, repeats)
+        lib = "torch"
+    else:
+        options = {"device": "cuda" if cuda else "cpu", "autocast": "bf16" if variant != "torch" else None} \
+            if variant != "numpy" else {}
+        model = npgpt.build_model(cfg, backend="numpy" if variant == "numpy" else "torch", seed=123, **options)
+        opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
+        model.train_step(x, y, opt)
+        f0 = faults()
+        row["train_s"] = timed(lambda: model.train_step(x, y, opt), repeats, warmup=0)
+        row["page_faults_per_step"] = (faults() - f0) / repeats
+        model.eval()
+        row["forward_s"] = timed(lambda: model.logits(x), repeats)
+        prompt = np.array(PROMPT)
+        generate = lambda n, cache: npgpt.generate(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=cache)
+        generate(10, True)
+        row["gen_s_per_token"] = [t / GEN_TOKENS for t in timed(lambda: generate(GEN_TOKENS, True), repeats, 0)]
+        if first_round:
+            row["gen_no_cache_s_per_token"] = timed(lambda: generate(GEN_TOKENS, False), 1, 0)[0] / GEN_TOKENS
+        row["gen_weight_bytes"] = weight_bytes(cfg)
+        lib = "numpy" if variant == "numpy" else "torch"
+        if variant == "numpy" and first_round:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from profile_numpy import profile_step
+            model.train()
+            row["profile_ms"] = profile_step(model, opt, x, y, repeats=2)
+    row["matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu")
+    if variant in ("torch-bf16", "torch-cuda"):
+        row["bf16_matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu", "bf16")
+    if not cuda:
+        nbytes, seconds = read_bandwidth(lib, repeats)
+        row["read_gb_s"] = nbytes / seconds / 1e9
+    row["flops_per_token"] = 6 * weight_bytes(cfg, 1) + 12 * cfg.n_layers * T * cfg.emb_dim
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["info"] = library_info(variant)
+    return row
 
 
-def summarise(backend, name, cfg, B, T, step, forward, gen, peak):
-    import numpy as np
-    import npgpt
-    shapes = npgpt.param_shapes(cfg)
-    n_matmul = sum(int(np.prod(s)) for n, s in shapes.items() if n.endswith("weight") and ".ln_" not in n
-                   and not n.startswith("ln_f")) + (cfg.vocab_size * cfg.emb_dim if cfg.tie_weights else 0)
-    flops_per_token = 6 * n_matmul + 12 * cfg.n_layers * T * cfg.emb_dim
-    achieved = flops_per_token * B * T / step / 1e9
-    return {"backend": backend, "config": name, "params": npgpt.num_params(cfg), "B": B, "T": T,
-            "train_step_s": step, "tokens_per_s": B * T / step, "gflops": achieved,
-            "matmul_peak_gflops": peak, "share_of_peak": achieved / peak, "forward_s": forward,
-            "gen_tok_s_cache": gen[True] if gen else None, "gen_tok_s_no_cache": gen[False] if gen else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+# ---- in the parent: rounds of child processes, then the report -----------------------------
+
+def cpu_ticks():
+    """(busy, total) jiffies of the whole machine, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def child_env(keep_openblas_env):
+    env = dict(os.environ)
+    removed = {k: env[k] for k in OPENBLAS_ENV if k in env}
+    if not keep_openblas_env:
+        for k in OPENBLAS_ENV:
+            env.pop(k, None)
+    return env, removed
+
+
+def run_child(variant, name, repeats, first_round, env):
+    """One child process; its row plus the other processes' load while it ran (in cores)."""
+    ticks0, usage0, t0 = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    cmd = [sys.executable, __file__, "--one", variant, name, "--repeats", str(repeats)] + (["--first"] if first_round else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} {name} failed:\n{out.stderr}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - t0
+    ticks1, usage1 = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if ticks0 and ticks1:
+        hz = os.sysconf("SC_CLK_TCK")
+        mine = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+        row["other_load_cores"] = max(0.0, ((ticks1[0] - ticks0[0]) / hz - mine) / wall)
+    return row
+
+
+def merge(rows):
+    """One record per (config, variant): the samples of every round together."""
+    merged = {}
+    for r in rows:
+        key = (r["config"], r["variant"])
+        m = merged.setdefault(key, {**r, "train_s": [], "forward_s": [], "gen_s_per_token": [], "other_load": []})
+        m["train_s"] += r["train_s"]
+        m["forward_s"] += r["forward_s"]
+        m["gen_s_per_token"] += r.get("gen_s_per_token", [])
+        m["other_load"].append(r.get("other_load_cores", float("nan")))
+        for k in ("profile_ms", "gen_no_cache_s_per_token"):
+            if k in r:
+                m[k] = r[k]
+        for k in ("matmul_peak_gflops", "bf16_matmul_peak_gflops", "read_gb_s", "peak_rss_mb"):
+            if k in r:
+                m[k] = max(m.get(k, 0), r[k]) if k != "peak_rss_mb" else max(m[k], r[k])
+    return merged
+
+
+def stats(samples):
+    return (min(samples), statistics.median(samples)) if samples else (None, None)
+
+
+def report(merged, configs, meta, command):
+    """results.md: command and conditions, ratios, absolute numbers, the NumPy profile."""
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
+    lines = [f"`{command}`", "",
+             f"Measured {meta['date']}: {meta['cpu']}, {meta['cpus']} cores, {meta['memory_gb']:.0f} GiB; "
+             f"Python {meta['python']}, NumPy {meta['numpy']}, torch {meta['torch']}. "
+             f"{meta['method']}", "", f"Conditions: {meta['conditions']}", ""]
+    for name in configs:
+        by = {v: merged[(c, v)] for (c, v) in merged if c == name}
+        if not by:
+            continue
+        step = {v: stats(m["train_s"]) for v, m in by.items()}
+        gen = {v: stats(m["gen_s_per_token"]) for v, m in by.items() if m["gen_s_per_token"]}
+        lines.append(f"**{name}** ({by[next(iter(by))]['params'] / 1e6:.0f}M parameters, B=2, T={by[next(iter(by))]['T']}, float32 unless named)")
+        lines.append("")
+        ratios = ["| ratio | min | median |", "| --- | ---: | ---: |"]
+        for other in ("torch", "torch-bf16", "book", "book+alloc", "torch-cuda"):
+            if "numpy" in step and other in step:
+                ratios.append(f"| train step: numpy / {other} | {step['numpy'][0] / step[other][0]:.2f} | "
+                              f"{step['numpy'][1] / step[other][1]:.2f} |")
+        if "numpy" in gen and "torch" in gen:
+            ratios.append(f"| KV-cache generation tokens/s: numpy / torch | {gen['torch'][0] / gen['numpy'][0]:.2f} | "
+                          f"{gen['torch'][1] / gen['numpy'][1]:.2f} |")
+        for v in ("numpy", "torch", "torch-bf16", "book", "book+alloc"):
+            if v in step:
+                m = by[v]
+                peak = m["bf16_matmul_peak_gflops"] if v == "torch-bf16" else m["matmul_peak_gflops"]
+                share = m["flops_per_token"] * m["B"] * m["T"] / step[v][0] / 1e9 / peak
+                ratios.append(f"| {v} step: share of its {'bf16' if v == 'torch-bf16' else 'float32'} matmul "
+                              f"peak ({peak:.0f} GFLOP/s) | {100 * share:.0f}% | "
+                              f"{100 * share * step[v][0] / step[v][1]:.0f}% |")
+        for v, (best, med) in gen.items():
+            m = by[v]
+            if "read_gb_s" in m:
+                ratios.append(f"| {v} generation: weight bytes per token / s per token, share of "
+                              f"{m['read_gb_s']:.1f} GB/s read | {100 * m['gen_weight_bytes'] / best / 1e9 / m['read_gb_s']:.0f}% | "
+                              f"{100 * m['gen_weight_bytes'] / med / 1e9 / m['read_gb_s']:.0f}% |")
+        lines += ratios + [""]
+        lines.append("| variant | train step s (min / median) | tokens/s | GFLOP/s | page faults / step | forward s "
+                     "| gen tok/s, KV cache (best / median) | gen GB/s of weights | gen tok/s, no cache | "
+                     "peak RSS MB | other load (cores) |")
+        lines.append("| --- |" + " ---: |" * 10)
+        for v in VARIANTS:
+            if v not in by:
+                continue
+            m, (best, med) = by[v], step[v]
+            g = gen.get(v)
+            lines.append(
+                f"| {v} | {best:.3f} / {med:.3f} | {m['B'] * m['T'] / best:.0f} | "
+                f"{m['flops_per_token'] * m['B'] * m['T'] / best / 1e9:.0f} | {m['page_faults_per_step']:,.0f} | "
+                f"{stats(m['forward_s'])[0]:.3f} | "
+                + (f"{1 / g[0]:.1f} / {1 / g[1]:.1f} | {m['gen_weight_bytes'] / g[0] / 1e9:.1f} | " if g else "- | - | ")
+                + f"{fmt(1 / m['gen_no_cache_s_per_token'] if m.get('gen_no_cache_s_per_token') else None, '{:.1f}')} | "
+                f"{m['peak_rss_mb']:.0f} | {statistics.mean(m['other_load']):.2f} |")
+        lines.append("")
+        if "numpy" in by and "profile_ms" in by["numpy"]:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from profile_numpy import table
+            import npgpt
+            spec = dict(CONFIGS[name])
+            cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
+            lines += [f"NumPy step by layer type ({name}, ms per step, mean of 2 steps, round 1):", "",
+                      table(by["numpy"]["profile_ms"], cfg, 2, by["numpy"]["T"]), ""]
+    info = {v: m["info"] for (c, v), m in merged.items()}
+    lines.append("Libraries and threads: " + "; ".join(f"{v}: {describe(i)}" for v, i in info.items()))
+    return "\n".join(lines) + "\n"
+
+
+def describe(info):
+    parts = []
+    pools = info.get("threadpools")
+    if isinstance(pools, list):
+        parts += [f"{p['internal_api']} {p.get('version') or ''} {p.get('architecture') or ''} "
+                  f"{p['num_threads']} threads".replace("  ", " ") for p in pools]
+    if "torch_threads" in info:
+        parts.append(f"torch {info['torch_threads']} threads, {info['torch_cpu_capability']}, "
+                     f"oneDNN bf16 {'yes' if info['mkldnn_bf16'] else 'no'}")
+    if "npgpt_threads" in info:
+        parts.append(f"npgpt elementwise {info['npgpt_threads']} threads")
+    alloc = info.get("allocator", {})
+    parts.append("keeps freed memory" if alloc.get("keep_freed_memory") else "glibc default allocator")
+    return ", ".join(parts)
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--backends", nargs="+", help="numpy torch torch-cuda book (default: all that "
-                        "this machine has)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=["small", "book-124m"], choices=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        help="default: all that this machine has")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-openblas-env", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: backend config
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: variant config
+    parser.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one, args.repeats)))
+        print(json.dumps(run_one(*args.one, args.repeats, args.first)))
         return
-    import numpy
-    rows = []
-    backends = list(args.backends or ORDER)
-    if "torch-cuda" in backends and not (importlib.util.find_spec("torch") and __import__("torch").cuda.is_available()):
-        backends.remove("torch-cuda")
-    if "book" in backends and importlib.util.find_spec("llms_from_scratch") is None:
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
+    variants = list(args.variants or VARIANTS)
+    has_torch = importlib.util.find_spec("torch") is not None
+    if not has_torch:
+        variants = [v for v in variants if v == "numpy"]
+    if "torch-cuda" in variants and not __import__("torch").cuda.is_available():
+        variants.remove("torch-cuda")
+    if any(v.startswith("book") for v in variants) and importlib.util.find_spec("llms_from_scratch") is None:
         print("bench: llms-from-scratch not installed, skipping the book's model "
               "(pip install llms-from-scratch --no-deps)", file=sys.stderr)
-        backends.remove("book")
-    for name in args.configs:
-        for backend in backends:
-            out = subprocess.run([sys.executable, __file__, "--one", backend, name, "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(rows[-1], file=sys.stderr)
+        variants = [v for v in variants if not v.startswith("book")]
+    env, removed = child_env(args.keep_openblas_env)
+    started = time.perf_counter()
+    rows = []
+    for r in range(args.rounds):
+        for name in args.configs:
+            for variant in variants:
+                rows.append(run_child(variant, name, args.repeats, r == 0, env))
+                best = min(rows[-1]["train_s"])
+                print(f"bench: round {r + 1} {name} {variant}: step {best:.3f} s, other load "
+                      f"{rows[-1].get('other_load_cores', float('nan')):.2f} cores", file=sys.stderr)
+    import numpy
+    torch_version = __import__("torch").__version__ if has_torch else None
     try:
-        import torch
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
-            "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
-            "numpy": numpy.__version__, "torch": torch_version}
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        memory_gb = float("nan")
+    openblas = ("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in removed.items()) +
+                (" kept" if args.keep_openblas_env else " removed for the children") if removed else "none set"))
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(), "memory_gb": memory_gb,
+            "machine": platform.platform(), "python": platform.python_version(), "numpy": numpy.__version__,
+            "torch": torch_version,
+            "method": f"Each variant in its own process, {args.rounds} rounds alternating the variants, "
+                      f"{args.repeats} timed repeats after a warm-up in each: min and median of "
+                      f"{args.rounds * args.repeats} samples.",
+            "conditions": openblas + "; MALLOC_* environment: " +
+                          (", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "none") +
+                          f"; the run took {(time.perf_counter() - started) / 60:.1f} min."}
+    command = "python benchmarks/bench_backends.py" + "".join(
+        f" {flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        for flag, value, default in (("--configs", args.configs, ["small", "book-124m"]),
+                                     ("--variants", args.variants, None), ("--rounds", args.rounds, 2),
+                                     ("--repeats", args.repeats, 3))
+        if value != default)
+    merged = merge(rows)
+    text = report(merged, args.configs, meta, command)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    head = ("| config | backend | train step s | tokens/s | GFLOP/s | % of matmul peak | forward s "
-            "| gen tok/s (cache) | gen tok/s (no cache) | peak RSS MB |\n|" + " --- |" * 10)
-    lines = [f"{meta}", "", head]
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['backend']} | {r['train_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['gflops']:.0f} | {100 * r['share_of_peak']:.0f}% of {r['matmul_peak_gflops']:.0f} | "
-                     f"{r['forward_s']:.3f} | {fmt(r['gen_tok_s_cache'])} | {fmt(r['gen_tok_s_no_cache'])} | "
-                     f"{r['peak_rss_mb']:.0f} |")
-    by = {(r["config"], r["backend"]): r for r in rows}
-    for name in args.configs:
-        n, t, b = (by.get((name, k)) for k in ("numpy", "torch", "book"))
-        ratios = []
-        if n and b:
-            ratios.append(f"numpy / book step {n['train_step_s'] / b['train_step_s']:.2f}")
-        if n and t:
-            ratios.append(f"numpy / torch step {n['train_step_s'] / t['train_step_s']:.2f}")
-            ratios.append(f"numpy cache / torch cache {n['gen_tok_s_cache'] / t['gen_tok_s_cache']:.2f}")
-        if n:
-            ratios.append(f"numpy cache / no cache {n['gen_tok_s_cache'] / n['gen_tok_s_no_cache']:.2f}")
-        lines.append(f"\n{name}: " + ", ".join(ratios))
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    plot(rows, args.configs, out_dir / "results.png", meta)
-    print("\n".join(lines))
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "command": command, "rows": rows}, indent=1))
+    (out_dir / "results.md").write_text(text)
+    plot(merged, args.configs, out_dir / "results.png", meta)
+    print(text)
 
 
-def plot(rows, configs, path, meta):
-    """Train step time and KV-cache generation speed per config, one bar per backend."""
-    import matplotlib
+def plot(merged, configs, path, meta):
+    """Train step time (min) and KV-cache generation speed per config, one bar per variant."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    backends = sorted({r["backend"] for r in rows}, key=ORDER.index)
-    by = {(r["config"], r["backend"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    width = 0.8 / len(backends)
-    for i, backend in enumerate(backends):
+    variants = [v for v in VARIANTS if any(k[1] == v for k in merged)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
         xs = [j + i * width for j in range(len(configs))]
-        step = [by[(c, backend)]["train_step_s"] if (c, backend) in by else 0 for c in configs]
-        gen = [(by.get((c, backend)) or {}).get("gen_tok_s_cache") or 0 for c in configs]
-        axes[0].bar(xs, step, width, label=backend)
-        axes[1].bar(xs, gen, width, label=backend)
-    for ax, title in zip(axes, ("train step (s, lower is better)", "greedy generation with KV cache (tokens/s)")):
+        step = [min(merged[(c, v)]["train_s"]) if (c, v) in merged else 0 for c in configs]
+        gen = [1 / min(merged[(c, v)]["gen_s_per_token"]) if (c, v) in merged and merged[(c, v)]["gen_s_per_token"]
+               else 0 for c in configs]
+        axes[0].bar(xs, step, width, label=v)
+        axes[1].bar(xs, gen, width, label=v)
+    for ax, title in zip(axes, ("train step (s, min; lower is better)", "greedy generation, KV cache (tokens/s)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], configs)
         ax.set_title(title, fontsize=9)
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"npgpt backends, {meta['date']}, {meta['cpus']} CPUs", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"npgpt backends, {meta['date']}, {meta['cpu']}, {meta['cpus']} cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

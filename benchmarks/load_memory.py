@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import npgpt
-from npgpt.pretrained import LazyParam, hf_config, hf_source, write_safetensors
+from npgpt.weights.lazy import LazyParam
+from npgpt.weights.names import hf_source
+from npgpt.weights.pretrained import hf_config
+from npgpt.weights.safetensors import write_safetensors
 
 
 def synthetic(name: str, shape) -> LazyParam:
@@ -52,7 +55,8 @@ def load(folder: str, reader: str) -> None:
         model = npgpt.load_pretrained(folder, backend="numpy")
     else:
         from safetensors import safe_open
-        from npgpt.pretrained import _hf_config, build_loaded_model
+        from npgpt.weights.lazy import build_loaded_model
+        from npgpt.weights.pretrained import _hf_config
         cfg = _hf_config(Path(folder) / "config.json", None, None)
         zero = np.zeros((), np.float32)
         model = build_loaded_model(cfg, {n: np.broadcast_to(zero, s) for n, s in npgpt.param_shapes(cfg).items()})

@@ -1,20 +1,38 @@
-"""npgpt: GPT-2 pretraining from scratch, in hand-written NumPy and in PyTorch, behind one interface."""
-from .backend import AdamW, build_model
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRESETS, GPTConfig
-from .data import load_corpus, make_loaders
-from .params import init_params, num_params, param_shapes
-from .pretrained import export_hf, load_pretrained
-from .sampling import generate, next_token_probs
-from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from .train import (TrainingDiverged, calc_loss_batch, calc_loss_loader, evaluate_model,
-                    train_model_simple, warmup_cosine_lr)
+"""npgpt: GPT-2 pretraining from scratch, in hand-written NumPy and in PyTorch, behind one interface.
+
+`import npgpt` is cheap: each name below is imported from its module on first use, so reading
+npgpt.numpy_backend.layers loads NumPy and nothing else, and the NumPy path never imports torch.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "AdamW", "GPTConfig", "PRESETS", "TrainingDiverged", "build_model", "calc_loss_batch",
-    "calc_loss_loader", "evaluate_model", "export_hf", "generate", "get_tokenizer",
-    "init_params", "load_checkpoint", "load_corpus", "load_pretrained", "make_loaders",
-    "next_token_probs", "num_params", "param_shapes", "save_checkpoint", "text_to_token_ids",
-    "token_ids_to_text", "train_model_simple", "warmup_cosine_lr"
-]
+
+_HOMES = {
+    ".backend": ("AdamW", "build_model"),
+    ".config": ("GPTConfig", "PRESETS"),
+    ".data": ("load_corpus", "make_loaders"),
+    ".params": ("init_params", "num_params", "param_shapes"),
+    ".sampling": ("generate", "next_token_probs"),
+    ".tokenizer": ("get_tokenizer", "text_to_token_ids", "token_ids_to_text"),
+    ".training.loop": ("calc_loss_batch", "calc_loss_loader", "evaluate_model", "train_model_simple",
+                       "train_steps"),
+    ".training.perf": ("peak_flops",),
+    ".training.schedule": ("warmup_cosine_lr",),
+    ".training.state": ("TrainingDiverged",),
+    ".weights.checkpoint": ("load_checkpoint", "save_checkpoint"),
+    ".weights.pretrained": ("export_hf", "load_pretrained"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'npgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value                       # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

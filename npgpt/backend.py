@@ -1,12 +1,8 @@
-"""The backend interface: build_model() and AdamW() pick the NumPy or the PyTorch implementation.
+"""build_model() and AdamW(): pick the NumPy or the PyTorch implementation of the interface in base.py.
 
-Both backends hold the same flat dict of GPT-2-named parameters and offer the same methods
-(logits, loss, loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm,
-generate). torch is imported only when the torch backend is asked for.
+torch is imported only when the torch backend is asked for.
 """
 from __future__ import annotations
-
-import math
 
 from .config import GPTConfig
 from .params import init_params
@@ -14,40 +10,11 @@ from .params import init_params
 BACKENDS = ("numpy", "torch")
 
 
-class Backend:
-    """What both models share. Each backend provides forward_backward(inputs, targets) -> float
-    (the mean loss, leaving the gradients in the model) and clip_grad_norm(max_norm); the step
-    built from them is written once, here."""
-
-    peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
-
-    def flops_per_token(self, T: int) -> float:
-        """Training FLOPs per token at sequence length T: 6 per weight used in a matrix product
-        (forward 2, backward 4) plus attention's q @ k^T and att @ v, 12 * L * T * C."""
-        cfg = self.cfg
-        weights = sum(math.prod(shape) for name, shape in self.shapes.items()
-                      if name.endswith("weight") and len(shape) == 2)   # linear layers and lm_head
-        if cfg.tie_weights:
-            weights += cfg.vocab_size * cfg.emb_dim        # wte, used as the head
-        return 6 * weights + 12 * cfg.n_layers * T * cfg.emb_dim
-
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None) -> float:
-        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
-        A NaN or infinite loss raises FloatingPointError before the parameters are touched."""
-        loss = self.forward_backward(inputs, targets)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
-        if clip_norm is not None:
-            self.clip_grad_norm(clip_norm)
-        optimizer.step()
-        return loss
-
-
 def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: str = "float32",
                 device: str | None = None, params: dict | None = None, **torch_options):
     """A GPT-2 model initialised from the seed (or from params, a dict of NumPy arrays).
 
-    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" on CUDA,
+    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" (CUDA or CPU),
     grad_accum=k to run each batch as k micro-batches.
     """
     check_build_args(cfg, backend, dtype, device, torch_options)

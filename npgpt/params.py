@@ -37,6 +37,22 @@ def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def param_role(name: str) -> str:
+    """What a parameter is, read from its GPT-2 name: "embedding" (wte, wpe), "norm" (a LayerNorm's
+    scale or shift), "bias" (a linear layer's), or "matmul" (a linear layer's weight, lm_head).
+    The one rule behind initialisation, weight decay and the FLOPs count."""
+    if name in ("wte", "wpe"):
+        return "embedding"
+    if ".ln_" in name or name.startswith("ln_f"):
+        return "norm"
+    return "bias" if name.endswith(".bias") else "matmul"
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to the matmul weights; AdamW(decay_all=False) exempts the rest."""
+    return param_role(name) == "matmul"
+
+
 def num_params(cfg: GPTConfig) -> int:
     """Number of trainable parameters (a tied head is counted once)."""
     total = 0
@@ -66,12 +82,13 @@ def init_params(cfg: GPTConfig, seed: int = 123, dtype="float32") -> dict[str, n
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     params = {}
     for name, shape in param_shapes(cfg).items():
-        if name.endswith(".bias"):
+        role = param_role(name)
+        if role == "bias" or role == "norm" and name.endswith(".bias"):
             p = np.zeros(shape, dtype)
-        elif ".ln_" in name or name.startswith("ln_f"):
+        elif role == "norm":
             p = np.ones(shape, dtype)
         else:
-            if name in ("wte", "wpe"):
+            if role == "embedding":
                 std = cfg.emb_init_std
             elif name.endswith("c_proj.weight"):
                 std = residual_std
@@ -83,7 +100,8 @@ def init_params(cfg: GPTConfig, seed: int = 123, dtype="float32") -> dict[str, n
 
 
 def check_params(params: dict, shapes: dict[str, tuple]) -> None:
-    """Strict loading: the same names, and each array of the expected shape."""
+    """Strict loading: the same names, and each array of the expected shape and of a floating-point
+    dtype (an integer, bool, complex or object array is refused, not cast)."""
     missing = [n for n in shapes if n not in params]
     unexpected = [n for n in params if n not in shapes]
     if missing or unexpected:
@@ -94,3 +112,8 @@ def check_params(params: dict, shapes: dict[str, tuple]) -> None:
         got = tuple(np.shape(params[name]))
         if got != tuple(shape):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
+        dtype = getattr(params[name], "dtype", None)
+        dtype = np.asarray(params[name]).dtype if dtype is None else dtype
+        # a NumPy dtype has a kind, a torch dtype says is_floating_point
+        if not (dtype.is_floating_point if hasattr(dtype, "is_floating_point") else np.dtype(dtype).kind == "f"):
+            raise ValueError(f"{name}: dtype {dtype}; expected a floating-point array (float16, float32 or float64)")

@@ -1,21 +1,22 @@
-"""The book's loss plot: train and validation loss against epochs, tokens seen on a second x axis."""
+"""The book's loss plot: train and validation loss against epochs (or steps), tokens seen on a second x axis."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_losses(num_epochs, tokens_seen, train_losses, val_losses, path) -> Path:
-    """Write a PNG of the losses recorded at each evaluation; returns its path."""
+def plot_losses(num_epochs, tokens_seen, train_losses, val_losses, path, steps=None) -> Path:
+    """Write a PNG of the losses recorded at each evaluation, against epochs, or against the given
+    steps (a run by steps); returns its path."""
     import matplotlib
     matplotlib.use("Agg")            # files only: no display needed
     import matplotlib.pyplot as plt
     import numpy as np
 
-    epochs_seen = np.linspace(0, num_epochs, len(train_losses))
+    x = np.linspace(0, num_epochs, len(train_losses)) if steps is None else steps
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
-    ax1.set_xlabel("Epochs")
+    ax1.plot(x, train_losses, label="Training loss")
+    ax1.plot(x, val_losses, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs" if steps is None else "Steps")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
     ax2 = ax1.twiny()                # same curves, against tokens seen

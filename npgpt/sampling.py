@@ -1,7 +1,10 @@
-"""Decoding: temperature, top-k and top-p turn the last position's logits into next-token
-probabilities; generate() runs the model's own loop (with a KV cache) after checking its arguments.
+"""Decoding, written once for both backends: temperature, top-k and top-p turn the last position's
+logits into next-token probabilities, and generate() runs the one sampling loop with a KV cache.
 
-The NumPy rules here are the reference; the torch backend implements the same rules in torch
+Each backend supplies three things to the loop (see Backend in base.py): next_logits(ids, cache),
+the forward step that returns the last position's logits; new_kv_cache(batch_size, capacity), a
+KVCache in its own arrays; and sampler(seed), which picks the next ids from logits. The NumPy
+rules in next_token_probs are the reference; the torch backend implements the same rules in torch
 (torch_backend/sampling.py) and the parity suite checks that they agree.
 """
 from __future__ import annotations
@@ -13,10 +16,32 @@ import numpy as np
 from .tokenizer import check_token_ids
 
 
+class KVCache:
+    """Keys and values of every layer for the first `length` positions, preallocated for `capacity`
+    positions: k[i], v[i] are (B, NH, capacity, hs) arrays made by zeros(shape), NumPy's or torch's.
+
+    The contract both backends' attention follows: update(layer, k, v) stores the new positions'
+    keys and values and returns all of them so far; the model advances length once every layer
+    has stored its share."""
+
+    def __init__(self, cfg, batch_size: int, capacity: int, zeros):
+        shape = (batch_size, cfg.n_heads, capacity, cfg.head_dim)
+        self.k = [zeros(shape) for _ in range(cfg.n_layers)]
+        self.v = [zeros(shape) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """k, v (B, NH, Tn, hs) at positions length.. -> all keys, values so far (B, NH, t1, hs)."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+
+
 def check_sampling_args(vocab_size, temperature=1.0, top_k=None, top_p=None):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
-            or math.isnan(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                               or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an integer in [1, {vocab_size}] or None, got {top_k!r}")
@@ -38,10 +63,7 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndar
     logits = np.asarray(logits, dtype=np.float64)
     V = logits.shape[-1]
     check_sampling_args(V, temperature, top_k, top_p)
-    if np.isnan(logits).any() or np.isposinf(logits).any():
-        raise ValueError("logits must not contain NaN or +inf")
-    if not np.isfinite(logits).any(axis=-1).all():
-        raise ValueError("every row of logits needs at least one finite value")
+    check_logits(np.isnan(logits).any() or np.isposinf(logits).any(), np.isfinite(logits).any(axis=-1).all())
     if temperature == 0:
         probs = np.zeros_like(logits)
         np.put_along_axis(probs, logits.argmax(axis=-1)[..., None], 1.0, axis=-1)
@@ -62,6 +84,14 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndar
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs
+
+
+def check_logits(has_nan_or_posinf: bool, every_row_finite: bool) -> None:
+    """The one error both backends give for logits no distribution can come from (NaN weights, say)."""
+    if has_nan_or_posinf:
+        raise ValueError("the model's logits contain NaN or +inf (are its weights finite?); cannot sample")
+    if not every_row_finite:
+        raise ValueError("every row of logits needs at least one finite value")
 
 
 def sample(probs, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +125,38 @@ def generate(model, idx, max_new_tokens=25, context_size=None, temperature=0.0, 
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer))
                                or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
-    return model.generate(idx, max_new_tokens=int(max_new_tokens), context_size=int(context_size),
-                          temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
-                          seed=seed, use_cache=use_cache)
+    return _decode(model, idx, int(max_new_tokens), int(context_size), float(temperature), top_k, top_p,
+                   eos_id, seed, use_cache)
 
+
+def _decode(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, seed, use_cache):
+    """The sampling loop. Dropout is off while generating; the training flag is restored after.
+
+    The cache holds absolute positions, so it serves while the sequence fits in context_size;
+    past that the window slides, every position shifts, and the window is recomputed.
+    """
+    was_training = model.training
+    model.eval()
+    pick = model.sampler(seed)
+    out = idx                                                               # (B, T) int64, on the host
+    finished = np.zeros(idx.shape[0], dtype=bool)
+    cache = None
+    try:
+        for _ in range(max_new_tokens):
+            if cache is not None and out.shape[1] <= context_size:
+                logits = model.next_logits(out[:, -1:], cache)              # one new position
+            else:
+                window = out[:, -context_size:]
+                fits = use_cache and window.shape[1] < context_size
+                cache = model.new_kv_cache(out.shape[0], context_size) if fits else None
+                logits = model.next_logits(window, cache)                   # (B, V)
+            next_id = pick(logits, temperature, top_k, top_p)               # (B,) int64
+            if eos_id is not None:
+                next_id = np.where(finished, eos_id, next_id)
+                finished |= next_id == eos_id
+            out = np.concatenate([out, next_id[:, None]], axis=1)
+            if eos_id is not None and finished.all():
+                break
+    finally:
+        model.training = was_training
+    return out

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import tiktoken
-from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
@@ -39,9 +37,17 @@ def _read_ranks(path: Path, sha256: str) -> dict[bytes, int]:
 @functools.lru_cache(maxsize=None)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 tokenizer (a tiktoken.Encoding), built from the bundled ranks: no network."""
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
-                             mergeable_ranks=_read_ranks(RANKS_FILE, RANKS_SHA256),
-                             special_tokens={ENDOFTEXT: ENDOFTEXT_ID}, explicit_n_vocab=50257)
+    return _gpt2_encoding("gpt2", _read_ranks(RANKS_FILE, RANKS_SHA256), {ENDOFTEXT: ENDOFTEXT_ID},
+                          explicit_n_vocab=50257)
+
+
+def _gpt2_encoding(name: str, ranks: dict[bytes, int], specials: dict[str, int], **kwargs) -> tiktoken.Encoding:
+    """A tiktoken Encoding with GPT-2's split pattern. tiktoken is imported here,
+    not at the top, so that the model code importing check_token_ids stays NumPy-only."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str        # GPT-2's pre-tokenisation regex
+    return tiktoken.Encoding(name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens=specials, **kwargs)
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -107,8 +113,7 @@ def tokenizer_from_openai_files(encoder_json: str | Path, vocab_bpe: str | Path)
     unmade = [t for t in encoder if len(t) > 1 and t not in specials and t not in made]
     if unmade:
         raise ValueError(f"{encoder_json}: tokens {unmade[:5]} are made by no merge of {vocab_bpe}")
-    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens=specials)
+    return _gpt2_encoding("gpt2-local", ranks, specials)
 
 
 def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> np.ndarray:

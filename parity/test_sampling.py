@@ -11,7 +11,6 @@ from scipy import stats
 import npgpt
 from npgpt import sampling as np_sampling
 from npgpt.torch_backend import sampling as torch_sampling
-from npgpt.torch_backend.model import KVCache
 
 from .helpers import assert_close, build_pair, perturb, random_batch
 
@@ -156,7 +155,7 @@ def test_kv_cache_equals_recomputation(dtype, atol):
     ids = torch.from_numpy(random_batch(cfg, 2, cfg.context_length, seed=4)[0])
     with torch.no_grad():
         full = module(ids)                                                    # (B, T, V)
-        cache = KVCache(cfg, 2, cfg.context_length, dtype, "cpu")
+        cache = model.new_kv_cache(2, cfg.context_length)
         t = 0
         for chunk in [3, 1, 1, 4, 1, 7] + [1] * 47:
             last = module(ids[:, t:t + chunk], cache=cache)[:, -1]            # (B, V)

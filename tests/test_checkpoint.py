@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint import atomic_write
+from npgpt.files import atomic_write
 from npgpt.cli import main
-from npgpt.train import TrainState
+from npgpt.training.state import TrainState
 
 CFG = npgpt.GPTConfig.preset("tiny", vocab_size=500, context_length=16, drop_rate=0.1)
 
@@ -88,7 +88,7 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     def crash(group, tensors):                                             # dies halfway through
         group.create_dataset("half", data=np.zeros(3))
         raise OSError("disk full")
-    monkeypatch.setattr(npgpt.checkpoint, "_write_tensors", crash)
+    monkeypatch.setattr(npgpt.weights.checkpoint, "_write_tensors", crash)
     with pytest.raises(OSError, match="disk full"):
         npgpt.save_checkpoint(path, model, opt, epoch=2)
     monkeypatch.undo()
@@ -176,8 +176,8 @@ def assert_same_history(got, ref, atol):
 @pytest.mark.parametrize("dtype, atol", [("float64", 0.0), ("float32", 1e-6)])
 def test_cli_five_epochs_then_five_more_equal_ten(tmp_path, short_text, monkeypatch, dtype, atol):
     """The tiny preset has no dropout (drop_rate 0), which would leave the RNG state untested, hence
-    --drop-rate 0.1. Snapshots of the checkpoints the ten-epoch run writes (every epoch, and every
-    10 steps) give the epoch-5 and a mid-epoch resume."""
+    --drop-rate 0.1. Snapshots of the checkpoints the ten-epoch run writes (every 5 steps, and at
+    the end) give the epoch-5 (step 34) and mid-epoch resumes."""
     snapshots, save = tmp_path / "snapshots", npgpt.save_checkpoint
     snapshots.mkdir()
 
@@ -188,7 +188,7 @@ def test_cli_five_epochs_then_five_more_equal_ten(tmp_path, short_text, monkeypa
         os.link(out, snapshot)                 # a hard link: the next save replaces the file, not rewrites it
         return out
     monkeypatch.setattr(npgpt, "save_checkpoint", keep)
-    assert main(train_args(short_text, tmp_path / "ten", 10, "--dtype", dtype, "--save-every", "10")) == 0
+    assert main(train_args(short_text, tmp_path / "ten", 10, "--dtype", dtype, "--save-every", "5")) == 0
     ten = history(tmp_path / "ten")
     steps_per_epoch = len(ten["lrs"]) // 10
     assert steps_per_epoch >= 5 and len(ten["train_losses"]) >= 15

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint import _digest
+from npgpt.weights.checkpoint import _digest
 from npgpt.cli import main
 
 TINY = npgpt.GPTConfig.preset("tiny")                                   # GPT-2's vocabulary: the CLI's tokenizer
@@ -112,10 +112,10 @@ def cases(f):
         (["train", *short, "--save-every", "-1"], ["--save-every must be an integer >= 0, got -1"]),
         (["train", *short, "--clip", "0"], ["--clip must be a positive number, got 0.0"]),
         (["train", *short, "--lr", "nan"], ["--lr must be a number >= 0, got nan"]),
-        (["train", *short, "--seed", "-1"], ["--seed must be an integer >= 0, got -1"]),
+        (["train", *short, "--seed", "-1"], ["--seed must be an integer in [0, 9223372036854775807], got -1"]),
         # the model
         (["train", *short, "--preset", "gpt5"], ["unknown preset 'gpt5'", "tiny"]),
-        (["train", *short, "--drop-rate", "1.5"], ["drop_rate must be a number in [0, 1), got 1.5"]),
+        (["train", *short, "--drop-rate", "1.5"], ["--drop-rate must be a number in [0, 1), got 1.5"]),
         # the checkpoint to resume
         (["train", "--resume", str(f["missing_h5"])], ["checkpoint not found", "missing.h5"]),
         (["train", "--resume", str(f["empty"])], ["empty.h5: not an HDF5 file"]),
@@ -134,8 +134,9 @@ def cases(f):
         # generation settings
         (["generate", "--checkpoint", str(f["tiny"]), "--prompt", ""], ["--prompt is empty"]),
         ([*gen, "--max-new-tokens", "-1"], ["max_new_tokens must be an integer >= 0, got -1"]),
-        ([*gen, "--temperature", "-1"], ["temperature must be a number >= 0", "got -1.0"]),
-        ([*gen, "--temperature", "nan"], ["temperature must be a number >= 0", "got nan"]),
+        ([*gen, "--temperature", "-1"], ["temperature must be a finite number >= 0", "got -1.0"]),
+        ([*gen, "--temperature", "nan"], ["temperature must be a finite number >= 0", "got nan"]),
+        ([*gen, "--temperature", "inf"], ["temperature must be a finite number >= 0", "got inf"]),
         ([*gen, "--top-k", "0"], ["top_k must be an integer in [1, 50257]", "got 0"]),
         ([*gen, "--top-k", "50258"], ["top_k must be an integer in [1, 50257]", "got 50258"]),
         ([*gen, "--top-p", "0"], ["top_p must be a number in (0, 1]", "got 0.0"]),

@@ -1,7 +1,7 @@
 """The data pipeline: The Verdict's numbers from the book, the sliding-window arithmetic against
-the book's GPTDatasetV1 loop, shuffling and sharding, and corpus lookup / download / offline fallback."""
+the book's GPTDatasetV1 loop, shuffling and sharding, and the bundled corpus."""
 import hashlib
-import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npgpt
-from npgpt.data import DataLoader, fallback_corpus, load_corpus, make_loaders, sliding_windows
+from npgpt.data import DataLoader, load_corpus, make_loaders, sliding_windows
 
-VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"  # design.md
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"  # the book's file
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +280,25 @@ def test_shard_partitions_batches(n_tokens, max_length, stride, batch_size, drop
 
 # ---------------------------------------------------------------- corpus lookup
 
-def test_load_corpus_from_data_dir(tmp_path, monkeypatch):
-    (tmp_path / "the-verdict.txt").write_text("I had always thought Jack Gisburn", encoding="utf-8")
-    monkeypatch.setenv("NPGPT_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert load_corpus() == "I had always thought Jack Gisburn"
-    assert npgpt.load_corpus() == "I had always thought Jack Gisburn"
+def test_default_corpus_is_the_bundled_verdict_with_no_environment(tmp_path):
+    """A fresh machine: empty HOME, no NPGPT_DATA_DIR, no network, run from an empty folder."""
+    import subprocess
+    import sys
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "import hashlib, npgpt; print(hashlib.sha256(npgpt.load_corpus().encode()).hexdigest())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == VERDICT_SHA256
+    assert out.stderr == ""                     # no notice, no fallback
+
+
+def test_damaged_bundled_verdict_is_refused(tmp_path, monkeypatch):
+    import npgpt.data.corpus as corpus
+    damaged = tmp_path / "the-verdict.txt"
+    damaged.write_bytes(corpus.VERDICT_FILE.read_bytes()[:-1])
+    monkeypatch.setattr(corpus, "VERDICT_FILE", damaged)
+    with pytest.raises(ValueError, match=f"{damaged}: sha256"):
+        load_corpus()
 
 
 def test_load_corpus_explicit_path(tmp_path):
@@ -308,67 +322,3 @@ def test_load_corpus_not_utf8(tmp_path):
         load_corpus(path)
     assert str(path) in str(excinfo.value)
     assert "UTF-8" in str(excinfo.value)
-
-
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    """No $NPGPT_DATA_DIR and an empty user cache under tmp_path; returns npgpt's cache folder."""
-    monkeypatch.delenv("NPGPT_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "npgpt"
-
-
-def _files_under(path):
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
-
-
-def _refuse(*args, **kwargs):
-    raise AssertionError("load_corpus downloaded although the file is cached")
-
-
-def test_download_into_cache_then_read_cache(verdict_text, tmp_path, empty_cache):
-    source = tmp_path / "mirror" / "the-verdict.txt"
-    source.parent.mkdir()
-    source.write_bytes(verdict_text.encode("utf-8"))
-
-    assert load_corpus(url=source.as_uri()) == verdict_text
-    cached = empty_cache / "the-verdict.txt"
-    assert _files_under(empty_cache) == [cached]  # no temporary file left behind
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == VERDICT_SHA256
-
-    source.unlink()
-    assert load_corpus(url=source.as_uri(), opener=_refuse) == verdict_text
-
-
-def test_download_with_wrong_checksum_saves_nothing(tmp_path, empty_cache):
-    source = tmp_path / "not-the-verdict.txt"
-    source.write_text("Some other story entirely.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="sha256"):
-        load_corpus(url=source.as_uri())
-    assert _files_under(empty_cache) == []
-
-
-def test_offline_falls_back_with_a_notice(empty_cache, capsys):
-    calls = []
-
-    def offline(url, *args, **kwargs):
-        calls.append(url)
-        raise urllib.error.URLError("no network")
-
-    text = load_corpus(url="https://example.invalid/the-verdict.txt", opener=offline)
-    assert calls == ["https://example.invalid/the-verdict.txt"]
-    assert text == fallback_corpus()
-    err = capsys.readouterr().err
-    assert err.strip() and "\n" not in err.strip()  # one line
-    assert "--data" in err
-    assert _files_under(empty_cache) == []
-
-
-def test_fallback_corpus_is_usable(tok):
-    text = fallback_corpus()
-    assert isinstance(text, str) and text
-    assert len(text) == 20479  # cut to The Verdict's length
-    assert fallback_corpus() == text  # the same text every time
-    # the default training run works on it
-    train, val = make_loaders(text, tok, batch_size=2, max_length=256, stride=256, train_ratio=0.9)
-    assert len(train) >= 1 and len(val) >= 1

@@ -26,8 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import npgpt
-from npgpt.checkpoint import read_checkpoint
-from npgpt.cli import _StopOnSignal, main
+from npgpt.weights.checkpoint import read_checkpoint
+from npgpt.cli import main
+from npgpt.cli.train import _StopOnSignal
 
 PACKAGE = Path(npgpt.__file__).resolve().parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -262,7 +263,7 @@ def small_checkpoint(tmp_path_factory):
     opt = npgpt.AdamW(model)
     x = np.array([[1, 2, 3, 4]])
     model.train_step(x, x, opt)
-    state = npgpt.train.TrainState(epoch=1, global_step=0, tokens_seen=4, train_losses=[3.9], val_losses=[3.95],
+    state = npgpt.training.state.TrainState(epoch=1, global_step=0, tokens_seen=4, train_losses=[3.9], val_losses=[3.95],
                                    track_tokens_seen=[4], track_steps=[0], lrs=[5e-4])
     path = npgpt.save_checkpoint(tmp_path_factory.mktemp("fuzz") / "c.h5", model, opt, state=state,
                                  run={"data": "x.txt"})
@@ -323,7 +324,7 @@ def test_edited_metadata_is_refused(small_checkpoint, tmp_path, edit):
             ds = f["params/wpe"]
             ds[0, 0] += 1.0
             if edit == "crc32":
-                ds.attrs["crc32"] = npgpt.checkpoint._crc32(ds[()])
+                ds.attrs["crc32"] = npgpt.weights.checkpoint._crc32(ds[()])
             else:
                 del ds.attrs["crc32"]
         elif edit == "train_losses":

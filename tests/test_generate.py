@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npgpt
-from npgpt.numpy_backend.generate import KVCache, forward_cached
+from npgpt.numpy_backend.generate import forward_cached
 
 CFG = npgpt.GPTConfig(vocab_size=97, context_length=24, emb_dim=16, n_heads=4, n_layers=2, qkv_bias=True)
 
@@ -22,7 +22,7 @@ def book_generate_text_simple(model, idx, max_new_tokens, context_size):
 def test_kv_cache_logits_equal_full_recomputation(dtype, tol):
     model = npgpt.build_model(CFG, dtype=dtype, seed=5).eval()
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 20))
-    cache = KVCache(CFG, 2, CFG.context_length, model.dtype)
+    cache = model.new_kv_cache(2, CFG.context_length)
     got = [forward_cached(model, ids[:, :6], cache)]              # prefill 6 tokens, then one at a time
     got += [forward_cached(model, ids[:, t:t + 1], cache) for t in range(6, 20)]
     full = model.logits(ids)                                      # (B, T, V)

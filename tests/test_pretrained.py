@@ -19,8 +19,9 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
-from npgpt.pretrained import (crc32c, detect_format, load_tokenizer, read_table, unmask_crc,
-                              write_safetensors)
+from npgpt.weights.pretrained import detect_format, load_tokenizer
+from npgpt.weights.safetensors import write_safetensors
+from npgpt.weights.tfbundle import crc32c, read_table, unmask_crc
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -503,7 +504,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, fmt):
     if fmt == "h5":
         npgpt.save_checkpoint(path, model)
     else:
-        npgpt.pretrained.save_safetensors(model, path)
+        npgpt.weights.pretrained.save_safetensors(model, path)
     weights = npgpt.num_params(cfg) * 4
     del model
     tracemalloc.start()

@@ -10,12 +10,18 @@ of its parameters into the arrays it is given (views into the model's one flat g
 as llm.c does), so no parameter gradient is allocated and copied each step.
 Apart from embedding_backward (which adds, so a tied head and the token embedding can share
 wte's gradient), parameter gradients are overwritten, not accumulated.
+
+The elementwise layers run their math on blocks of rows, `def rows(r): ...` applied to every
+slice r of rows by threads.for_row_blocks: the same NumPy expressions as on whole arrays, but a
+block stays in the L2 cache through all of them and the blocks run on every core.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from .threads import for_row_blocks, uniform_float32
 
 LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -43,9 +49,17 @@ def embedding_backward(dout, cache, dwte, dwpe):
 # ---- dropout ---------------------------------------------------------------------------------
 
 def dropout_mask(rng, shape, p, dtype):
-    """Inverted dropout: keep with probability 1 - p and scale kept values by 1 / (1 - p)."""
-    keep = rng.random(shape, dtype=np.float32) >= p
-    return keep.astype(dtype) * dtype.type(1.0 / (1.0 - p))
+    """Inverted dropout: keep with probability 1 - p and scale kept values by 1 / (1 - p).
+    The uniform numbers are rng.random(shape, dtype=np.float32)'s, drawn on every core."""
+    u = uniform_float32(rng, shape).reshape(-1)
+    mask = u if dtype == np.float32 else np.empty(u.shape, dtype)   # float32: in place of u
+    scale = dtype.type(1.0 / (1.0 - p))
+
+    def rows(r):
+        mask[r] = u[r] >= p
+        mask[r] *= scale
+    for_row_blocks(rows, u)
+    return mask.reshape(shape)
 
 
 def dropout_forward(x, mask):
@@ -83,50 +97,61 @@ def linear_backward(dout, cache, dw, db=None):
 
 def layernorm_forward(x, w, b):
     """x (N, C) -> (x - mean) / sqrt(var + eps) * w + b, statistics over C"""
-    mean = x.mean(axis=-1, keepdims=True)             # (N, 1)
-    xhat = x - mean                                   # (N, C)
-    var = np.mean(xhat * xhat, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + LN_EPS)                # (N, 1)
-    xhat *= rstd
-    out = xhat * w
-    out += b
+    out, xhat = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((len(x), 1), x.dtype)                             # (N, 1)
+
+    def rows(r):
+        np.subtract(x[r], x[r].mean(axis=-1, keepdims=True), out=xhat[r])
+        var = np.mean(xhat[r] * xhat[r], axis=-1, keepdims=True)
+        rstd[r] = 1.0 / np.sqrt(var + LN_EPS)
+        xhat[r] *= rstd[r]
+        np.add(xhat[r] * w, b, out=out[r])
+    for_row_blocks(rows, x)
     return out, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache, dw, db):
     """dout (N, C) -> dx (N, C); writes dw, db (C,)"""
     xhat, rstd, w = cache
-    np.sum(dout * xhat, axis=0, out=dw)
-    np.sum(dout, axis=0, out=db)
-    dxhat = dout * w
-    # xhat = (x - mean) * rstd: the mean and the variance both depend on every x in the row
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
-    dx *= rstd
+    dx = np.empty_like(dout)
+
+    def rows(r):
+        dxhat = dout[r] * w
+        # xhat = (x - mean) * rstd: the mean and the variance both depend on every x in the row
+        d = dxhat - dxhat.mean(axis=-1, keepdims=True)
+        d -= xhat[r] * np.mean(dxhat * xhat[r], axis=-1, keepdims=True)
+        np.multiply(d, rstd[r], out=dx[r])
+        return np.sum(dout[r] * xhat[r], axis=0), np.sum(dout[r], axis=0)   # this block's dw, db
+    partial = for_row_blocks(rows, dout)
+    np.sum([dw_r for dw_r, _ in partial], axis=0, out=dw)
+    np.sum([db_r for _, db_r in partial], axis=0, out=db)
     return dx
 
 
 # ---- GELU, tanh form -------------------------------------------------------------------------
 
 def gelu_forward(x):
-    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))"""
-    t = np.tanh(GELU_K * (x + 0.044715 * x * x * x))
-    out = 1.0 + t
-    out *= x
-    out *= 0.5
+    """x (N, 4C) -> 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))"""
+    out, t = np.empty_like(x), np.empty_like(x)
+
+    def rows(r):
+        xr = x[r]
+        np.tanh(GELU_K * (xr + 0.044715 * xr * xr * xr), out=t[r])
+        np.multiply(0.5 * xr, 1.0 + t[r], out=out[r])
+    for_row_blocks(rows, x)
     return out, (x, t)
 
 
 def gelu_backward(dout, cache):
     x, t = cache
-    # d/dx: 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
-    dinner = GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    dx = 1.0 - t * t
-    dx *= x
-    dx *= dinner
-    dx += 1.0 + t
-    dx *= 0.5
-    dx *= dout
+    dx = np.empty_like(dout)
+
+    def rows(r):
+        xr, tr = x[r], t[r]
+        # d/dx: 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
+        dinner = GELU_K * (1.0 + 3 * 0.044715 * xr * xr)
+        np.multiply(dout[r], 0.5 * (1.0 + tr) + 0.5 * xr * (1.0 - tr * tr) * dinner, out=dx[r])
+    for_row_blocks(rows, x)
     return dx
 
 
@@ -155,13 +180,21 @@ def attention_forward(qkv, n_heads, att_mask=None):
     hs = C // n_heads
     q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)    # 3 x (B, NH, T, hs)
     att = q @ k.swapaxes(-1, -2)                                            # (B, NH, T, T)
-    att *= 1.0 / math.sqrt(hs)
-    att += causal_bias(T, att.dtype)
-    softmax_inplace(att)
-    att_d = att if att_mask is None else att * att_mask
-    y = att_d @ v                                                           # (B, NH, T, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                            # (B, T, C)
-    return y, (q, k, v, att, att_mask)
+    att_d = att if att_mask is None else np.empty_like(att)
+    bias = causal_bias(T, att.dtype)
+    att_h, att_d_h, mask_h = (a if a is None else a.reshape(B * n_heads, T, T) for a in (att, att_d, att_mask))
+
+    def rows(r):                                                            # r: a block of heads
+        a = att_h[r]
+        a *= 1.0 / math.sqrt(hs)
+        a += bias
+        softmax_inplace(a)
+        if att_mask is not None:
+            np.multiply(a, mask_h[r], out=att_d_h[r])                       # dropout
+    for_row_blocks(rows, att_h)
+    y = np.empty((B, T, n_heads, hs), qkv.dtype)                            # heads side by side
+    np.matmul(att_d, v, out=y.transpose(0, 2, 1, 3))                        # (B, NH, T, hs)
+    return y.reshape(B, T, C), (q, k, v, att, att_mask)
 
 
 def attention_backward(dy, cache):
@@ -169,19 +202,28 @@ def attention_backward(dy, cache):
     q, k, v, att, att_mask = cache
     B, NH, T, hs = q.shape
     dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)                     # (B, NH, T, hs)
-    att_d = att if att_mask is None else att * att_mask
-    dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
-    dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)                              # 3 x (B, NH, T, hs)
-    dqkv_heads[2] = att_d.swapaxes(-1, -2) @ dy                             # y = att_d @ v
-    datt = dy @ v.swapaxes(-1, -2)                                          # (B, NH, T, T)
+    att_h, mask_h = (a if a is None else a.reshape(B * NH, T, T) for a in (att, att_mask))
+    att_d = att if att_mask is None else np.empty_like(att)
     if att_mask is not None:
-        datt *= att_mask
-    # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
-    datt -= np.sum(att * datt, axis=-1, keepdims=True)
-    datt *= att
-    datt *= 1.0 / math.sqrt(hs)                                             # att_pre = q k^T / sqrt(hs)
-    dqkv_heads[0] = datt @ k
-    dqkv_heads[1] = datt.swapaxes(-1, -2) @ q
+        att_d_h = att_d.reshape(B * NH, T, T)
+        for_row_blocks(lambda r: np.multiply(att_h[r], mask_h[r], out=att_d_h[r]), att_h)
+    dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                              # 3 x (B, NH, T, hs)
+    np.matmul(att_d.swapaxes(-1, -2), dy, out=dv)                           # y = att_d @ v
+    datt = dy @ v.swapaxes(-1, -2)                                          # (B, NH, T, T)
+    datt_h = datt.reshape(B * NH, T, T)
+
+    def rows(r):                                                            # r: a block of heads
+        d, a = datt_h[r], att_h[r]
+        if att_mask is not None:
+            d *= mask_h[r]
+        # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
+        d -= np.sum(a * d, axis=-1, keepdims=True)
+        d *= a
+        d *= 1.0 / math.sqrt(hs)                                            # att_pre = q k^T / sqrt(hs)
+    for_row_blocks(rows, datt_h)
+    np.matmul(datt, k, out=dq)
+    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
     return dqkv.reshape(B, T, 3 * NH * hs)
 
 
@@ -193,21 +235,39 @@ def cross_entropy_forward(logits, targets):
     Works in place: logits is overwritten with the softmax probabilities, which are the cache
     (a (N, V) array over GPT-2's 50,257 tokens is the largest activation; no copy is made).
     """
-    N = logits.shape[0]
-    rows = np.arange(N)
-    logits -= logits.max(axis=-1, keepdims=True)      # shift for stability
-    target_logit = logits[rows, targets]              # (N,)
-    probs = np.exp(logits, out=logits)
-    total = probs.sum(axis=-1)                        # (N,)
-    loss = float(np.mean(np.log(total) - target_logit, dtype=np.float64))
-    probs /= total[:, None]
-    return loss, (probs, targets)
+    loss = _softmax_cross_entropy(logits, targets, keep_probs=True)
+    return loss, (logits, targets)                    # logits now hold the probabilities
+
+
+def cross_entropy_loss(logits, targets):
+    """The loss of cross_entropy_forward without its cache (evaluation): logits are overwritten."""
+    return _softmax_cross_entropy(logits, targets, keep_probs=False)
+
+
+def _softmax_cross_entropy(logits, targets, keep_probs):
+    """Mean cross-entropy; overwrites logits with exp(logits - max), normalised when keep_probs."""
+    losses = np.empty(len(logits), np.float64)        # (N,)
+
+    def rows(r):
+        z = logits[r]
+        z -= z.max(axis=-1, keepdims=True)            # shift for stability
+        target_logit = z[np.arange(len(z)), targets[r]]
+        total = np.exp(z, out=z).sum(axis=-1)
+        losses[r] = np.log(total) - target_logit      # -log(exp(z_target) / total)
+        if keep_probs:
+            z /= total[:, None]
+    for_row_blocks(rows, logits)
+    return float(np.mean(losses))
 
 
 def cross_entropy_backward(cache):
     """-> dlogits (N, V) = (softmax - onehot(target)) / N, again in place of the probabilities."""
     probs, targets = cache
     N = probs.shape[0]
-    probs[np.arange(N), targets] -= 1.0
-    probs *= 1.0 / N
+
+    def rows(r):
+        p = probs[r]
+        p[np.arange(len(p)), targets[r]] -= 1.0
+        p *= 1.0 / N
+    for_row_blocks(rows, probs)
     return probs

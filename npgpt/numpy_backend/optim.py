@@ -2,28 +2,20 @@
 
 Parameters, gradients and both moments are each one flat array, so a step is a few in-place
 passes over whole buffers instead of a Python loop over ~150 tensors. The buffers are walked
-in chunks small enough that all passes over a chunk stay in the CPU cache (memory is read once,
-not once per pass), and the chunks are shared out over a thread pool: NumPy releases the GIL
-inside its arithmetic, so both cores work.
+in chunks small enough that all passes over a chunk stay in the core's L2 cache (main memory is
+read once and written once, not once per pass), and the chunks are shared out over every core
+(threads.parallel_map). A step is then bound by memory bandwidth: p, g, m, v read, p, m, v written.
 """
 from __future__ import annotations
 
+import itertools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..params import check_params
+from ..params import check_params, decays
 from .model import flat_views
-
-CHUNK = 1 << 18        # elements a chunk: the five float32 slices (5 MiB) stay in the cache
-_POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8), thread_name_prefix="npgpt-adamw")
-
-
-def no_decay(name: str) -> bool:
-    """Biases, LayerNorm parameters and the embeddings: exempt when decay_all=False."""
-    return name.endswith(".bias") or ".ln_" in name or name.startswith("ln_f") or name in ("wte", "wpe")
+from .threads import BLOCK_BYTES, parallel_map
 
 
 def adamw_update(p, g, m, v, tmp, lr, b1, b2, eps, t, decay_factor, decay_ranges):
@@ -61,9 +53,8 @@ class AdamW:
         self.model = model
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.step_count = 0
-        self.exp_avg = np.zeros_like(model.flat_params)
-        self.exp_avg_sq = np.zeros_like(model.flat_params)
-        self._scratch = np.empty_like(model.flat_params)
+        self.exp_avg = np.zeros(model.flat_params.shape, model.flat_params.dtype)   # calloc: lazy pages
+        self.exp_avg_sq = np.zeros(model.flat_params.shape, model.flat_params.dtype)
         self.set_decay_all(decay_all)
 
     def set_decay_all(self, decay_all: bool) -> None:
@@ -72,33 +63,49 @@ class AdamW:
         decayed, offset = [], 0
         for name, shape in self.model.shapes.items():
             size = math.prod(shape)
-            if decay_all or not no_decay(name):
+            if decayed and decayed[-1][1] == offset and (decay_all or decays(name)):
+                decayed[-1] = (decayed[-1][0], offset + size)      # one range for neighbours
+            elif decay_all or decays(name):
                 decayed.append((offset, offset + size))
             offset += size
         self._chunks = []
-        for start in range(0, offset, CHUNK):
-            stop = min(start + CHUNK, offset)
-            ranges = [(max(a, start) - start, min(b, stop) - start) for a, b in decayed if a < stop and b > start]
+        chunk = BLOCK_BYTES // self.exp_avg.itemsize        # the five slices of a chunk stay in L2
+        first = 0                                           # the first range not before this chunk
+        for start in range(0, offset, chunk):
+            stop = min(start + chunk, offset)
+            while first < len(decayed) and decayed[first][1] <= start:
+                first += 1
+            ranges = [(max(a, start) - start, min(b, stop) - start)
+                      for a, b in itertools.takewhile(lambda r: r[0] < stop, decayed[first:])]
             self._chunks.append((start, stop, ranges))
 
     def step(self):
         self.step_count += 1
         b1, b2 = self.betas
-        bufs = (self.model.flat_params, self.model.flat_grads, self.exp_avg, self.exp_avg_sq, self._scratch)
+        bufs = (self.model.flat_params, self.model.flat_grads, self.exp_avg, self.exp_avg_sq)
         hyper = (self.lr, b1, b2, self.eps, self.step_count, 1.0 - self.lr * self.weight_decay)
 
         def run(chunk):
             start, stop, ranges = chunk
-            adamw_update(*(b[start:stop] for b in bufs), *hyper, ranges)
+            p, g, m, v = (b[start:stop] for b in bufs)
+            adamw_update(p, g, m, v, np.empty_like(p), *hyper, ranges)     # scratch: L2-sized
 
-        list(_POOL.map(run, self._chunks))
+        parallel_map(run, self._chunks)
 
     def state(self) -> dict:
         """Hyperparameters, step and the moments by parameter name (copies)."""
-        views = lambda flat: {n: a.copy() for n, a in flat_views(flat, self.model.shapes).items()}
+        state = self.state_views()
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = {n: a.copy() for n, a in state[key].items()}
+        return state
+
+    def state_views(self) -> dict:
+        """state() with the moments as views into the flat buffers, not copies: what a checkpoint
+        writes, without a second copy of both moments (the next step changes them)."""
         return {"step": self.step_count, "lr": self.lr, "betas": self.betas, "eps": self.eps,
                 "weight_decay": self.weight_decay, "decay_all": self.decay_all,
-                "exp_avg": views(self.exp_avg), "exp_avg_sq": views(self.exp_avg_sq)}
+                "exp_avg": flat_views(self.exp_avg, self.model.shapes),
+                "exp_avg_sq": flat_views(self.exp_avg_sq, self.model.shapes)}
 
     def load_state(self, state: dict) -> None:
         for key in ("exp_avg", "exp_avg_sq"):

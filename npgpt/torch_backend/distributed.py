@@ -54,6 +54,20 @@ class RankLoader:
             yield next(batches, (empty, empty))                                # (B, T) each
 
 
+def rank_device(device: str | None, local_rank: int) -> torch.device:
+    """The device of the process with this LOCAL_RANK: cuda:LOCAL_RANK for any CUDA device (one GPU
+    per process on each node; pick the node's GPUs with CUDA_VISIBLE_DEVICES), else the device as
+    given. An explicit other index would put several ranks on one GPU, and is refused."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return device
+    if device.index not in (None, local_rank):
+        raise ValueError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK "
+                         f"(cuda:{local_rank} for this one); give --device cuda, and choose the GPUs "
+                         "with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank)
+
+
 class Ranks:
     """This process's place among torchrun's ranks (from RANK, WORLD_SIZE, LOCAL_RANK), and the
     collectives the training needs. Creating it joins the process group: NCCL when the device is
@@ -63,14 +77,14 @@ class Ranks:
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device = rank_device(device, self.local_rank)
         if device.type == "cuda":
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank)    # one GPU per process on each node
             torch.cuda.set_device(device)
-        self.device = device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+        # host-side agreements (agree_max) go through gloo on CPU tensors: an NCCL one would make
+        # the host wait for every kernel queued on the GPU
+        self._host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
         atexit.register(self._leave)
 
     @property
@@ -82,10 +96,10 @@ class Ranks:
         starts by broadcasting rank 0's weights, identical already), and the losses that loss(),
         loss_and_grads() and train_step() return are averaged over the ranks, so every rank must call
         them together, in the same order. params() and generation keep using the plain module; a NaN
-        loss on one rank is NaN on all, so every rank skips that step alike."""
-        if self.rank > 0:
-            # each rank its own dropout masks; rank 0 keeps the random stream of a single process
-            torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+        loss on one rank is NaN on all, so every rank skips that step alike. Dropout: rank r adds r
+        to the seed it draws from the model's generator (TorchGPT._compute), so every rank has its
+        own masks, rank 0 those of a single process, and the generators stay identical: the one
+        state in rank 0's checkpoint resumes every rank exactly."""
         model._step_module = DistributedDataParallel(
             model._step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         model.ranks = self
@@ -94,20 +108,24 @@ class Ranks:
     def shard(self, loader) -> RankLoader:
         return RankLoader(loader, self.rank, self.world_size)
 
-    def mean_loss(self, loss: torch.Tensor, n: int) -> float:
+    def mean(self, loss: torch.Tensor, n: int) -> torch.Tensor:
         """The mean loss over the windows of every rank, from this rank's mean over its n windows:
-        sum(loss_r * n_r) / sum(n_r), in float64. With equal n_r it is the mean of the ranks' losses;
-        the last evaluation batch can leave a rank fewer windows, or none (its loss is then NaN)."""
+        sum(loss_r * n_r) / sum(n_r), in float64, as a 0-dim tensor on the device (the all-reduce is
+        queued; nothing waits for it). With equal n_r it is the mean of the ranks' losses; the last
+        evaluation batch can leave a rank fewer windows, or none (its loss is then NaN)."""
         local = loss.detach().double() * n if n else torch.zeros((), dtype=torch.float64, device=loss.device)
-        total = torch.stack([local, torch.tensor(float(n), dtype=torch.float64, device=loss.device)])
+        total = torch.stack([local, torch.full((), float(n), dtype=torch.float64, device=loss.device)])
         dist.all_reduce(total)
-        loss_sum, count = total.tolist()
-        return loss_sum / count
+        return total[0] / total[1]
+
+    def mean_loss(self, loss: torch.Tensor, n: int) -> float:
+        return float(self.mean(loss, n))
 
     def agree_max(self, value: int) -> int:
-        """The largest of the ranks' values (a signal seen by any rank stops them all at one step)."""
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        """The largest of the ranks' values (a signal seen by any rank stops them all at one step),
+        agreed on the host: it does not wait for the GPU."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
         return int(t.item())
 
     def finish(self) -> None:

@@ -16,10 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend import Backend
+from ..base import Backend
 from ..config import GPTConfig
+from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
+from ..sampling import KVCache
 from ..tokenizer import check_token_ids
+from ..training.perf import peak_flops
+from .device import cross_entropy, dropout_stream, tf32_matmuls, to_device
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -38,24 +42,6 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         keep = self.masks(self.name, tuple(x.shape))
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
-
-
-class KVCache:
-    """Keys and values of every layer for the first `length` positions, preallocated for
-    `capacity` positions: k[i], v[i] are (B, NH, capacity, hs)."""
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, capacity: int, dtype, device):
-        shape = (batch_size, cfg.n_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.length = 0   # advanced by GPT.forward once every layer has stored its new positions
-
-    def update(self, layer: int, k, v):
-        """Store the new positions' k, v (B, NH, Tn, hs) -> all keys and values so far (B, NH, t1, hs)."""
-        t0, t1 = self.length, self.length + k.size(2)
-        self.k[layer][:, :, t0:t1] = k
-        self.v[layer][:, :, t0:t1] = v
-        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
 
 def causal_mask(T, Tk, device):
@@ -143,9 +129,10 @@ class GPT(nn.Module):
             if isinstance(m, Dropout):
                 m.masks = fn
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """idx (B, T) -> logits (B, T, V); with targets (B, T) -> mean cross-entropy;
-        with a cache -> logits of the last position only (B, 1, V)."""
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last: bool = False):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T) -> mean cross-entropy; with a cache
+        or last=True -> logits of the last position only (B, 1, V), in the weights' precision even
+        under autocast: greedy decoding on bf16 logits (8 significant bits) would meet many ties."""
         B, T = idx.shape
         t0 = 0 if cache is None else cache.length
         if t0 + T > self.cfg.context_length:
@@ -157,26 +144,15 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length += T
-            x = x[:, -1:]                                             # (B, 1, C)
-        x = self.ln_f(x)
-        logits = F.linear(x, self.wte if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+        head = self.wte if self.lm_head is None else self.lm_head.weight
+        if cache is not None or last:
+            x = self.ln_f(x[:, -1:])                                  # (B, 1, C)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.to(head.dtype), head)               # (B, 1, V)
+        logits = F.linear(self.ln_f(x), head)                         # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-# dense tensor-core FLOP/s per GPU from the vendors' data sheets: (bf16, tf32) for the MFU estimate
-PEAK_FLOPS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12),
-              "L4": (121e12, 60e12), "A10": (125e12, 62.5e12)}
-
-
-def cuda_peak_flops(device, bf16: bool):
-    """The device's peak FLOP/s at the training precision, if it is a GPU we know; else None."""
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16_peak, tf32_peak) in PEAK_FLOPS.items():
-        if key in name:
-            return bf16_peak if bf16 else tf32_peak
-    return None
+        return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -186,7 +162,14 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 class TorchGPT(Backend):
     """The torch backend behind npgpt's interface (the same methods as NumpyGPT); arrays in and
-    out are NumPy, everything in between stays on the device."""
+    out are NumPy, everything in between stays on the device.
+
+    autocast="bf16" runs the matrix products in bfloat16 under torch.autocast, on CUDA or on the
+    CPU (fast where the CPU has AVX512-BF16 or AMX; parameters, gradients and AdamW stay float32).
+    A process-wide choice made when a model is built: freed memory is kept for reuse
+    (npgpt.memory.keep_freed_memory), the same setting the NumPy backend makes; on the CPU, torch's
+    allocator is glibc's malloc, and without it a 124M step pays ~250,000 page faults.
+    """
 
     backend = "torch"
 
@@ -198,20 +181,22 @@ class TorchGPT(Backend):
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         self.grad_accum = grad_accum      # a batch runs as this many micro-batches (less activation memory)
-        self.peak_flops = None
         self.cfg, self.dtype, self.shapes = cfg, np.dtype(dtype), param_shapes(cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if autocast not in (None, "bf16"):
             raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
-        if autocast and self.device.type != "cuda":
-            raise ValueError(f"autocast='bf16' needs a CUDA device, got device {str(self.device)!r}")
+        if autocast and dtype == "float64":
+            raise ValueError("autocast='bf16' with dtype='float64': autocast never casts float64, so the "
+                             "model would run in float64; use dtype='float32' with autocast='bf16', or "
+                             "dtype='float64' without autocast")
+        if autocast and self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"autocast='bf16' runs on CUDA or the CPU, got device {str(self.device)!r}")
         self.autocast = autocast
-        if self.device.type == "cuda":
-            self.peak_flops = cuda_peak_flops(self.device, bf16=autocast == "bf16")
-        if self.device.type == "cuda" and dtype == "float32":
-            torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for float32 matmuls
-            torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(seed)                            # dropout draws from the global RNG
+        keep_freed_memory()
+        # float32 matmuls on CUDA run in TF32 inside the model's calls (the process's setting is left alone)
+        self.tf32 = self.device.type == "cuda" and dtype == "float32"
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.generator = torch.Generator().manual_seed(seed)   # dropout's stream (see device.dropout_stream)
         with torch.device("meta"):                         # no throwaway default initialisation
             module = GPT(cfg)
         self.module = module.to(TORCH_DTYPES[dtype]).to_empty(device=self.device)
@@ -270,29 +255,62 @@ class TorchGPT(Backend):
             for name, p in self.module.named_parameters():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
 
+    # ---- precision and speed ----
+
+    @property
+    def precision(self) -> str:
+        """What the matrix products run in: 'bf16' (autocast), 'tf32' (float32 on CUDA), 'fp32', 'fp64'."""
+        if self.autocast == "bf16":
+            return "bf16"
+        return "tf32" if self.tf32 else {"float32": "fp32", "float64": "fp64"}[self.dtype.name]
+
+    @property
+    def peak_flops(self) -> float | None:
+        """The GPU's dense peak FLOP/s at self.precision (npgpt.peak_flops); None on the CPU or a GPU
+        not in its table."""
+        return None if self.device_name is None else peak_flops(self.device_name, self.precision)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _compute(self):
+        """What every forward pass runs under: bf16 autocast if asked for, TF32 for float32 on CUDA,
+        and dropout (in training mode) drawn from self.generator; rank r adds r to its seeds."""
+        dropout = self.training and self.cfg.drop_rate > 0 and self._dropout_masks is None
+        rank = 0 if self.ranks is None else self.ranks.rank
+        with self.autocast_context(), tf32_matmuls(self.tf32), \
+                dropout_stream(self.generator, rank, self.device, dropout):
+            yield
+
     # ---- the interface shared with the NumPy backend ----
 
     def _ids(self, ids, what="inputs") -> torch.Tensor:
         ids = check_token_ids(ids, self.cfg.vocab_size, what, self.cfg.context_length)
-        return torch.from_numpy(ids).to(self.device)
+        return to_device(torch.from_numpy(ids), self.device)
 
     def autocast_context(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16")
 
     def logits(self, idx) -> np.ndarray:
-        with torch.no_grad(), self.autocast_context():
+        with torch.no_grad(), self._compute():
             logits = self.module(self._ids(idx))                       # (B, T, V)
         return to_numpy(logits.to(TORCH_DTYPES[self.dtype.name]))
 
     def loss(self, inputs, targets) -> float:
-        with torch.no_grad(), self.autocast_context():
-            return self._reported(self.module(self._ids(inputs), self._ids(targets, "targets")), inputs)
+        inputs, targets = self._ids(inputs), self._ids(targets, "targets")
+        with torch.no_grad(), self._compute():
+            if True:
+                loss = self.module(inputs, targets)
+            else:   # a rank's padding batch in DDP evaluation: no forward (flash SDPA refused batch 0)
+                loss = torch.full((), math.nan, device=self.device)
+        return float(self._mean(loss, len(inputs)))
 
-    def _reported(self, loss: torch.Tensor, inputs) -> float:
-        """The loss as a float; under torchrun, the mean over the windows of every rank's batch."""
-        if self.ranks is None:
-            return loss.item()
-        return self.ranks.mean_loss(loss, 1 if np.ndim(inputs) == 1 else len(inputs))
+    def _mean(self, loss: torch.Tensor, n: int) -> torch.Tensor:
+        """This batch's mean loss over its n windows; under torchrun, the mean over every rank's
+        windows. A 0-dim tensor on the device: nothing here waits for the GPU."""
+        return loss if self.ranks is None else self.ranks.mean(loss, n)
 
     def _forward_backward(self, inputs, targets) -> torch.Tensor:
         """The batch's mean loss and its gradients. With grad_accum = k the batch runs as k equal
@@ -308,16 +326,30 @@ class TorchGPT(Backend):
             last = i == k - 1
             sync = contextlib.nullcontext() if last or self.ranks is None else self._step_module.no_sync()
             with sync:
-                with self.autocast_context():
+                with self._compute():
                     loss = self._step_module(x, y) / k
-                loss.backward()
+                with tf32_matmuls(self.tf32):
+                    loss.backward()
             total = total + loss.detach()
-        return total
+        return self._mean(total, len(inputs))
 
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; leaves its gradients in the module (averaged over ranks
         under DDP)."""
-        return self._reported(self._forward_backward(inputs, targets), inputs)
+        return float(self._forward_backward(inputs, targets))
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True):
+        """Base.train_step; with sync=False, one that never waits for the GPU: the loss stays a 0-dim
+        tensor on the device, clipping stays there, and a non-finite loss skips the update inside
+        fused AdamW's kernel (found_inf, as torch's GradScaler uses it). The optimizer's step_count
+        still counts a skipped step; npgpt.base.loss_value raises when the loss is read."""
+        if sync or not optimizer.fused:
+            return super().train_step(inputs, targets, optimizer, clip_norm)
+        loss = self._forward_backward(inputs, targets)           # averaged over the ranks: all agree
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip_norm)
+        optimizer.step(found_inf=(~torch.isfinite(loss)).float())
+        return loss
 
     def loss_and_grads(self, inputs, targets):
         loss = self.forward_backward(inputs, targets)
@@ -328,18 +360,27 @@ class TorchGPT(Backend):
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
 
     def rng_state(self) -> dict:
-        """torch's global RNG state (dropout draws from it), JSON-serialisable, for checkpoints."""
-        state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-        if self.device.type == "cuda":
-            state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(self.device).numpy().tobytes()).decode()
-        return state
+        """The dropout generator's state, JSON-serialisable, for checkpoints (under DDP every rank's
+        generator is in the same state, so rank 0's checkpoint resumes them all)."""
+        return {"cpu": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()}
 
     def set_rng_state(self, state: dict) -> None:
-        decode = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-        torch.set_rng_state(decode(state["cpu"]))
-        if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(decode(state["cuda"]), self.device)
+        self.generator.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["cpu"]), np.uint8).copy()))
 
-    def generate(self, idx, **kwargs):
-        from .sampling import generate
-        return generate(self, idx, **kwargs)
+    # ---- generation: what npgpt.sampling's loop asks of a backend ----
+
+    def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
+        dtype = torch.bfloat16 if self.autocast == "bf16" else self.module.wte.dtype   # k, v as computed
+        return KVCache(self.cfg, batch_size, capacity, lambda shape: torch.zeros(shape, dtype=dtype,
+                                                                                 device=self.device))
+
+    @torch.no_grad()
+    def next_logits(self, ids, cache: KVCache | None) -> torch.Tensor:
+        """ids (B, Tn) -> logits of the last position (B, V), on the device; with a cache, ids
+        continue its positions."""
+        with self._compute():
+            return self.module(torch.from_numpy(ids).to(self.device), cache=cache, last=True)[:, -1]
+
+    def sampler(self, seed):
+        from .sampling import sampler
+        return sampler(seed, self.device)

@@ -11,8 +11,7 @@ import functools
 import numpy as np
 import torch
 
-from ..numpy_backend.optim import no_decay
-from ..params import check_params
+from ..params import check_params, decays
 from .model import to_numpy
 
 
@@ -44,19 +43,29 @@ class TorchAdamW:
     def _build(self, lr, weight_decay, betas, eps, decay_all):
         """The parameter groups of the NumPy AdamW: one group, or decayed / exempt."""
         named = list(self.model.module.named_parameters())
-        groups = [{"params": [p for n, p in named if decay_all or not no_decay(n)], "weight_decay": weight_decay}]
+        groups = [{"params": [p for n, p in named if decay_all or decays(n)], "weight_decay": weight_decay}]
         if not decay_all:
-            groups.append({"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0})
+            groups.append({"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0})
         self.decay_all, self._weight_decay = bool(decay_all), float(weight_decay)
         name_of = {id(p): n for n, p in named}
         self._names = [name_of[id(p)] for g in groups for p in g["params"]]   # state_dict's order
         p0 = named[0][1]
-        impl = {"fused": True} if fused_supported(p0.device.type, p0.dtype) else {"foreach": True}
+        self.fused = fused_supported(p0.device.type, p0.dtype)
         self.opt = torch.optim.AdamW(groups, lr=float(lr), betas=tuple(float(b) for b in betas),
-                                     eps=float(eps), **impl)
+                                     eps=float(eps), **({"fused": True} if self.fused else {"foreach": True}))
 
-    def step(self) -> None:
-        self.opt.step()
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """One AdamW step. found_inf (fused kernels only): a 0-dim float tensor on the device, and
+        where it is nonzero the kernel leaves parameters and moments untouched, without the host
+        having to look (torch's GradScaler passes its overflow flag the same way)."""
+        if found_inf is None:
+            self.opt.step()
+        else:
+            self.opt.found_inf = found_inf
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
         self.step_count += 1
 
     # ---- hyperparameters, set on every group ----

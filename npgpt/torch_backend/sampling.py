@@ -1,17 +1,15 @@
-"""Decoding in torch: npgpt.sampling's temperature / top-k / top-p rules, and the generation loop
-with a KV cache, run entirely on the model's device.
+"""Decoding in torch: npgpt.sampling's temperature / top-k / top-p rules on the model's device, and
+the sampler npgpt.sampling's loop calls for each new token.
 
 The rules are npgpt.sampling.next_token_probs' (the reference); the parity suite checks that the
 two agree. Shapes: B batch, T tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..sampling import check_sampling_args
-from .model import KVCache
+from ..sampling import check_logits, check_sampling_args
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
@@ -19,6 +17,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> torch.T
     logits = logits.to(torch.float64)
     V = logits.size(-1)
     check_sampling_args(V, temperature, top_k, top_p)
+    check_logits(bool(torch.isnan(logits).any() | torch.isposinf(logits).any()),
+                 bool(torch.isfinite(logits).any(dim=-1).all()))
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), V).to(torch.float64)   # argmax: the first of ties
     if top_k is not None:
@@ -41,50 +41,20 @@ def sample(probs, generator: torch.Generator) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, seed,
-             use_cache=True):
-    """The sampling loop of npgpt.numpy_backend.generate, in torch (arguments checked by
-    npgpt.generate). Dropout is off while generating; the training flag is restored after.
-
-    The cache holds absolute positions, so it serves while the sequence fits in context_size;
-    past that the window slides, every position shifts, and the window is recomputed.
-    """
-    module, device = model.module, model.device
-    was_training = model.training
-    model.eval()
+def sampler(seed, device):
+    """pick(logits (B, V) on the device, temperature, top_k, top_p) -> next ids (B,) as NumPy:
+    argmax, or a draw with a torch Generator on the device, seeded once per generate() call."""
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(int(seed))
-    out = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device)   # (B, T)
-    finished = torch.zeros(out.size(0), dtype=torch.bool, device=device)
-    cache = None
-    cache_dtype = torch.bfloat16 if model.autocast == "bf16" else module.wte.dtype   # k, v as computed
-    try:
-        with model.autocast_context():
-            for _ in range(max_new_tokens):
-                if use_cache and cache is not None and out.size(1) <= context_size:
-                    logits = module(out[:, -1:], cache=cache)[:, -1]        # (B, V)
-                else:
-                    window = out[:, -context_size:]
-                    if use_cache and window.size(1) < context_size:
-                        cache = KVCache(model.cfg, out.size(0), context_size, cache_dtype, device)
-                        logits = module(window, cache=cache)[:, -1]
-                    else:
-                        cache = None
-                        logits = module(window)[:, -1]
-                if temperature == 0:
-                    next_id = logits.argmax(dim=-1)                         # (B,)
-                else:
-                    next_id = sample(next_token_probs(logits, temperature, top_k, top_p), generator)
-                if eos_id is not None:
-                    next_id = torch.where(finished, eos_id, next_id)
-                    finished |= next_id == eos_id
-                out = torch.cat([out, next_id[:, None]], dim=1)              # (B, T + 1)
-                if eos_id is not None and bool(finished.all()):
-                    break
-    finally:
-        model.training = was_training
-    return out.cpu().numpy()
+
+    def pick(logits, temperature, top_k, top_p):
+        if temperature == 0:
+            check_logits(bool(torch.isnan(logits).any() | torch.isposinf(logits).any()), True)
+            next_id = logits.argmax(dim=-1)                         # the first of ties
+        else:
+            next_id = sample(next_token_probs(logits, temperature, top_k, top_p), generator)
+        return next_id.cpu().numpy()
+    return pick

@@ -10,8 +10,8 @@ Layout:
                    datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs
 A file is written to a temporary name beside the target (.NAME.*.tmp), flushed, fsynced and
 renamed over it, so a crash leaves either the old checkpoint or the new one, never half of one.
-Loading reads each tensor straight into the model's (and the optimizer's) own arrays: no second
-copy of the weights.
+Loading reads each tensor straight into the NumPy model's (and optimizer's) flat buffers; the
+torch backend receives one tensor at a time and copies it to its device.
 
 Nothing read is trusted: each tensor's crc32 covers its data, and the root's checksum (version 2)
 covers everything else (every attribute, every dataset's name, shape and dtype, the train_state
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +29,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import GPTConfig
-from .params import check_params, param_shapes
-from .train import TrainState
+from ..config import GPTConfig
+from ..files import atomic_write
+from ..params import check_params, param_shapes
+from ..training.state import TrainState
+from .lazy import LazyParam
 
 FORMAT = "npgpt-checkpoint"
 VERSION = 2                 # 2 added the root checksum; version 1 files (tensor crc32s only) still load
@@ -91,8 +92,6 @@ def _digest(f: h5py.File) -> int:
 def _lazy_tensors(group, where: str) -> dict:
     """{name: LazyParam}: each dataset is read when asked, straight into the caller's array
     (Dataset.read_direct) when its dtype matches, and its crc32 checked."""
-    from .pretrained import LazyParam
-
     def filler(ds, name):
         def fill(out):
             if not ds.id.valid:
@@ -116,37 +115,6 @@ def _lazy_tensors(group, where: str) -> dict:
     return {name: LazyParam(ds.shape, ds.dtype, filler(ds, name)) for name, ds in group.items()}
 
 
-def _file_mode(path: Path) -> int:
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path), then fsync and rename tmp_path over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, _file_mode(path))     # mkstemp makes 0600; give the file the usual mode
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
 def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, tokens_seen=None,
                     state: TrainState | None = None, run: dict | None = None) -> Path:
     """Save parameters, optimizer state (if given) and training state to one .h5 file, atomically.
@@ -157,7 +125,9 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
     for name, value in (("epoch", epoch), ("global_step", global_step), ("tokens_seen", tokens_seen)):
         if value is not None:
             setattr(state, name, int(value))
-    params = model.params()
+    # the NumPy backend lends views of its flat buffers (param_views, state_views): the file is written
+    # without a second copy of the weights and moments. The torch backend's come as NumPy copies.
+    params = model.param_views() if hasattr(model, "param_views") else model.params()
     bad = [n for n, p in params.items() if not np.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite parameters ({', '.join(bad[:5])}); "
@@ -171,7 +141,7 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                            dtype=_fixed(str(model.dtype)), backend=_fixed(model.backend))
             _write_tensors(f.create_group("params"), params)
             if optimizer is not None:
-                opt_state = optimizer.state()
+                opt_state = optimizer.state_views() if hasattr(optimizer, "state_views") else optimizer.state()
                 g = f.create_group("optimizer")
                 g.attrs.update(step=opt_state["step"], lr=opt_state["lr"], betas=np.asarray(opt_state["betas"]),
                                eps=opt_state["eps"], weight_decay=opt_state["weight_decay"],
@@ -179,10 +149,11 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                 _write_tensors(g.create_group("exp_avg"), opt_state["exp_avg"])
                 _write_tensors(g.create_group("exp_avg_sq"), opt_state["exp_avg_sq"])
             t = f.create_group("train_state")
-            rng = model.rng_state() if hasattr(model, "rng_state") else None
             t.attrs.update(epoch=state.epoch, global_step=state.global_step, tokens_seen=state.tokens_seen,
-                           rng=_fixed(json.dumps({"backend": model.backend, "state": rng})),
+                           rng=_fixed(json.dumps({"backend": model.backend, "state": model.rng_state()})),
                            run=_fixed(json.dumps(run or {})))
+            if state.peak_lr is not None:
+                t.attrs["peak_lr"] = float(state.peak_lr)
             for name in _STATE_LISTS:
                 t.create_dataset(name, data=np.asarray(getattr(state, name), dtype=np.float64))
             f.attrs["checksum"] = _digest(f)
@@ -250,14 +221,23 @@ def _contents(f: h5py.File, path: Path) -> dict:
             check_params(tensors, shapes)
         except ValueError as e:
             raise CheckpointError(f"{path}: the tensors in {where}/ do not fit its config ({e})") from None
+        for name, p in tensors.items():
+            if p.dtype != np.dtype(dtype):
+                raise CheckpointError(f"{path}: {where}/{name} holds {p.dtype}; the checkpoint's dtype is {dtype}, "
+                                      "and npgpt writes every tensor in it")
     t = f["train_state"]
     state = TrainState(epoch=int(t.attrs["epoch"]), global_step=int(t.attrs["global_step"]),
-                       tokens_seen=int(t.attrs["tokens_seen"]))
+                       tokens_seen=int(t.attrs["tokens_seen"]),
+                       peak_lr=float(t.attrs["peak_lr"]) if "peak_lr" in t.attrs else None)
     for name in _STATE_LISTS:
         values = t[name][()].tolist()
         setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
     out["state"], out["rng"] = state, json.loads(_text(t.attrs["rng"]))
     out["run"] = json.loads(_text(t.attrs["run"])) if "run" in t.attrs else {}
+    for key in ("rng", "run"):
+        if not isinstance(out[key], dict):
+            raise CheckpointError(f"{path}: train_state's {key} attribute holds a JSON {type(out[key]).__name__}; "
+                                  "expected an object")
     return out
 
 
@@ -274,19 +254,24 @@ def read_checkpoint(path) -> dict:
 def load_checkpoint(path, backend="numpy", dtype=None, device=None, **torch_options):
     """-> (model, optimizer or None, TrainState). Either backend loads what either wrote; the
     dropout RNG state carries over when the backend is the same. torch_options as build_model's."""
-    from .backend import AdamW
-    from .pretrained import build_loaded_model
+    from ..backend import AdamW
+    from .lazy import build_loaded_model
     with open_checkpoint(path) as ckpt:
         model = build_loaded_model(ckpt["config"], ckpt["params"], backend=backend,
                                    dtype=dtype or ckpt["dtype"], device=device, **torch_options)
-        rng = ckpt["rng"]
-        if rng.get("backend") == model.backend and rng.get("state") is not None \
-                and hasattr(model, "set_rng_state"):
-            model.set_rng_state(rng["state"])
-        optimizer = None
+        rng, optimizer = ckpt["rng"], None
+        try:
+            if rng.get("backend") == model.backend and rng.get("state") is not None:
+                model.set_rng_state(rng["state"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its {model.backend} RNG state cannot be restored "
+                                  f"({type(e).__name__}: {e})") from None
         if ckpt["optimizer"] is not None:
             o = ckpt["optimizer"]
-            optimizer = AdamW(model, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
-                              eps=o["eps"], decay_all=bool(o["decay_all"]))
+            try:
+                optimizer = AdamW(model, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
+                                  eps=o["eps"], decay_all=bool(o["decay_all"]))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: its optimizer settings are not valid ({e})") from None
             optimizer.load_state(o)
     return model, optimizer, ckpt["state"]

@@ -4,12 +4,12 @@ load_pretrained(path) recognises
   OpenAI's release folder  hparams.json, checkpoint, model.ckpt.index + .data-*: TensorFlow's tensor
                            bundle, read without TensorFlow (tfbundle.py; every tensor's crc32c checked)
   Hugging Face GPT-2       a folder with config.json and model.safetensors (or shards, or
-                           pytorch_model.bin), or one .safetensors file (safetensors_io.py)
+                           pytorch_model.bin), or one .safetensors file (safetensors.py)
   the book's GPTModel      a .pth state_dict, or its {"model_state_dict", "optimizer_state_dict"} file
   npgpt's checkpoint       .h5 (checkpoint.py)
 reads each format's hyperparameters into a GPTConfig, and maps its tensors onto npgpt's names and
-(out, in) layout (weight_names.py). Tensors are read one at a time straight into the model's
-parameter buffer (lazy_tensors.py), so loading costs the weights' size in memory, not twice that.
+(out, in) layout (names.py). Tensors are read one at a time straight into the model's
+parameter buffer (lazy.py), so loading costs the weights' size in memory, not twice that.
 """
 from __future__ import annotations
 
@@ -21,17 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write, open_checkpoint
-from .config import GPTConfig
-from .lazy_tensors import LazyParam, TorchReader, build_loaded_model, torch_state_dict
-from .safetensors_io import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
-from .tfbundle import TFBundleReader, checkpoint_prefix, crc32c, read_table, unmask_crc
-from .weight_names import book_source, hf_source, hf_tensors, map_params, openai_source
+from ..config import GPTConfig
+from ..files import atomic_write
+from .checkpoint import open_checkpoint
+from .lazy import TorchReader, build_loaded_model, torch_state_dict
+from .safetensors import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
+from .tfbundle import TFBundleReader, checkpoint_prefix
+from .names import book_source, hf_source, hf_tensors, map_params, openai_source
 
-# This module's API, and the names that callers import from here though they live in the modules above.
-__all__ = ["load_pretrained", "detect_format", "load_tokenizer", "export_hf", "save_safetensors", "hf_config",
-           "LazyParam", "build_loaded_model", "write_safetensors", "crc32c", "read_table", "unmask_crc",
-           "hf_source"]
+__all__ = ["load_pretrained", "detect_format", "load_tokenizer", "export_hf", "save_safetensors", "hf_config"]
 
 GPT2_DROP_RATE = 0.1          # GPT-2's dropout; the weight files do not record one
 TOKENIZER_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))      # OpenAI's, Hugging Face's
@@ -64,6 +62,33 @@ def _recorded_config(cfg: GPTConfig, n_heads, drop_rate, where) -> GPTConfig:
     return cfg if drop_rate is None else GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": drop_rate})
 
 
+def _json_object(path: Path, expected: str) -> dict:
+    """A JSON file that must hold an object (a dict); anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:                                       # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}; expected {expected}")
+    return value
+
+
+def _gpt_config(where, **fields) -> GPTConfig:
+    """A GPTConfig of the numbers a file gives, an invalid one being a ValueError naming the file."""
+    try:
+        return GPTConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: its hyperparameters do not make a GPT-2 ({e})") from None
+
+
+def _embedding_sizes(names, wte, wpe, where) -> tuple[int, int, int]:
+    """(V, T, C) read from the shapes of the token (V, C) and position (T, C) embeddings."""
+    (_, wte_shape), (_, wpe_shape) = names[wte], names[wpe]
+    if len(wte_shape) != 2 or len(wpe_shape) != 2 or wte_shape[1] != wpe_shape[1]:
+        raise ValueError(f"{where}: {wte} has shape {wte_shape} and {wpe} {wpe_shape}; expected (V, C) and (T, C)")
+    return wte_shape[0], wpe_shape[0], wte_shape[1]
+
+
 def _count_blocks(names, pattern) -> int:
     found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
     return max(found) + 1 if found else 0
@@ -72,23 +97,23 @@ def _count_blocks(names, pattern) -> int:
 # ---- opening each format: -> (GPTConfig, {npgpt name: LazyParam}) ----
 
 def _open_openai(stack, folder: Path, n_heads, drop_rate, verify):
-    hp = json.loads((folder / "hparams.json").read_text())
     expected = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
+    hp = _json_object(folder / "hparams.json", f"an object with {', '.join(sorted(expected))}")
     if not expected <= set(hp):
         raise ValueError(f"{folder / 'hparams.json'}: has {sorted(hp)}, expected {sorted(expected)}")
     _check_override("n_heads", hp["n_head"], n_heads, folder)
-    cfg = GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
-                    n_heads=hp["n_head"], n_layers=hp["n_layer"], qkv_bias=True, tie_weights=True,
-                    drop_rate=_drop(drop_rate))
+    cfg = _gpt_config(folder / "hparams.json", vocab_size=hp["n_vocab"], context_length=hp["n_ctx"],
+                      emb_dim=hp["n_embd"], n_heads=hp["n_head"], n_layers=hp["n_layer"], qkv_bias=True,
+                      tie_weights=True, drop_rate=_drop(drop_rate))
     reader = TFBundleReader(checkpoint_prefix(folder), verify)
     stack.callback(reader.close)
     return cfg, map_params(reader, cfg, openai_source)
 
 
 def _hf_config(path: Path, n_heads, drop_rate) -> GPTConfig:
-    c = json.loads(path.read_text())
-    c.setdefault("n_positions", c.get("n_ctx"))
     required = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
+    c = _json_object(path, f"a GPT-2 config with {', '.join(required)}")
+    c.setdefault("n_positions", c.get("n_ctx"))
     if any(c.get(k) is None for k in required):
         raise ValueError(f"{path}: has {sorted(c)}; expected a GPT-2 config with {', '.join(required)}")
     checks = {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
@@ -99,7 +124,7 @@ def _hf_config(path: Path, n_heads, drop_rate) -> GPTConfig:
         if key in c and c[key] not in allowed:
             raise ValueError(f"{path}: {key} is {c[key]!r}; npgpt's GPT-2 needs {' or '.join(map(repr, allowed))}")
     _check_override("n_heads", c["n_head"], n_heads, path)
-    return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+    return _gpt_config(path, vocab_size=c["vocab_size"], context_length=c["n_positions"],
                      emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"], qkv_bias=True,
                      tie_weights=c.get("tie_word_embeddings", True),
                      drop_rate=_drop(drop_rate, c.get("resid_pdrop", GPT2_DROP_RATE)))
@@ -127,17 +152,20 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
     if (folder / "config.json").is_file():
         cfg = _hf_config(folder / "config.json", n_heads, drop_rate)
     elif getattr(reader, "metadata", {}).get("npgpt_config"):          # written by save_safetensors
-        cfg = _recorded_config(GPTConfig.from_dict(json.loads(reader.metadata["npgpt_config"])),
-                               n_heads, drop_rate, reader.where)
+        try:
+            recorded = GPTConfig.from_dict(json.loads(reader.metadata["npgpt_config"]))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{reader.where}: its npgpt_config metadata is not a valid config ({e})") from None
+        cfg = _recorded_config(recorded, n_heads, drop_rate, reader.where)
     else:                                             # a bare GPT-2 .safetensors: the shapes tell the rest
         if f"{prefix}wte.weight" not in names or f"{prefix}wpe.weight" not in names:
             raise ValueError(f"{reader.where}: no config.json beside it and no wte.weight / wpe.weight inside "
                              f"(found {sorted(names)[:6]}); expected a Hugging Face GPT-2")
-        V, C = names[f"{prefix}wte.weight"][1]
-        cfg = GPTConfig(vocab_size=V, context_length=names[f"{prefix}wpe.weight"][1][0], emb_dim=C,
-                        n_heads=_default_heads(C, n_heads, reader.where), qkv_bias=True,
-                        n_layers=_count_blocks(names, rf"{re.escape(prefix)}h\.(\d+)\."),
-                        tie_weights="lm_head.weight" not in names, drop_rate=_drop(drop_rate))
+        V, T, C = _embedding_sizes(names, f"{prefix}wte.weight", f"{prefix}wpe.weight", reader.where)
+        cfg = _gpt_config(reader.where, vocab_size=V, context_length=T, emb_dim=C,
+                          n_heads=_default_heads(C, n_heads, reader.where), qkv_bias=True,
+                          n_layers=_count_blocks(names, rf"{re.escape(prefix)}h\.(\d+)\."),
+                          tie_weights="lm_head.weight" not in names, drop_rate=_drop(drop_rate))
     ignore = HF_IGNORED + ((r"lm_head\.weight",) if cfg.tie_weights else ())
     if not cfg.qkv_bias:                   # npgpt's own file: hf_tensors wrote zeros for GPT-2's format
         ignore += (rf"{re.escape(prefix)}h\.\d+\.attn\.c_attn\.bias",)
@@ -150,12 +178,11 @@ def _open_book(path: Path, n_heads, drop_rate):
     if "tok_emb.weight" not in names or "pos_emb.weight" not in names:
         raise ValueError(f"{path}: expected the book's GPTModel state_dict (tok_emb.weight, pos_emb.weight, "
                          f"trf_blocks.N...), found {sorted(names)[:6]}")
-    V, C = names["tok_emb.weight"][1]
-    cfg = GPTConfig(vocab_size=V, context_length=names["pos_emb.weight"][1][0], emb_dim=C,
-                    n_heads=_default_heads(C, n_heads, str(path)),
-                    n_layers=_count_blocks(names, r"trf_blocks\.(\d+)\."),
-                    qkv_bias="trf_blocks.0.att.W_query.bias" in names, tie_weights="out_head.weight" not in names,
-                    drop_rate=_drop(drop_rate))
+    V, T, C = _embedding_sizes(names, "tok_emb.weight", "pos_emb.weight", path)
+    cfg = _gpt_config(path, vocab_size=V, context_length=T, emb_dim=C, n_heads=_default_heads(C, n_heads, str(path)),
+                      n_layers=_count_blocks(names, r"trf_blocks\.(\d+)\."),
+                      qkv_bias="trf_blocks.0.att.W_query.bias" in names, tie_weights="out_head.weight" not in names,
+                      drop_rate=_drop(drop_rate))
     return cfg, map_params(reader, cfg, book_source, ignore=(r"trf_blocks\.\d+\.att\.mask",))
 
 
@@ -223,7 +250,7 @@ def load_pretrained(path, backend="numpy", dtype="float32", device=None, *, n_he
 def load_tokenizer(path):
     """The tokenizer that comes with the weights at path: encoder.json + vocab.bpe (OpenAI) or
     vocab.json + merges.txt (Hugging Face) beside them, else the bundled GPT-2 one."""
-    from .tokenizer import get_tokenizer, tokenizer_from_openai_files
+    from ..tokenizer import get_tokenizer, tokenizer_from_openai_files
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     for encoder, merges in TOKENIZER_FILES:

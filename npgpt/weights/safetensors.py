@@ -1,6 +1,7 @@
 """The safetensors format, read and written by hand: an 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets}} (plus an optional "__metadata__" of strings), then
-the raw little-endian data.
+the raw little-endian data. Nothing in the header is trusted: every entry's offsets must lie in the
+data section, hold exactly shape x dtype bytes and overlap no other entry's.
 
 The format is simple enough to read with plain file reads, which lets every tensor land in its
 final array (the safetensors package would map the whole file, and the mapped pages count in the
@@ -16,12 +17,36 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
-from .lazy_tensors import Reader, read_exact
+from ..files import atomic_write
+from .lazy import Reader, read_exact
 
 # bfloat16 has no NumPy dtype: its 2-byte words are read as uint16 and widened to float32
 ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
              "U8": "u1", "BOOL": "?"}
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _entry(path, name, t) -> tuple[str, tuple, int, int]:
+    """A header entry {"dtype", "shape", "data_offsets"} -> (dtype, shape, start, end), checked:
+    a known dtype, dimensions and offsets that are integers >= 0, start <= end."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(t, dict):
+        raise ValueError(f"{path}: the header entry of {name} is {_short(t)}; expected an object with "
+                         "dtype, shape and data_offsets")
+    kind, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+    if not isinstance(kind, str) or kind not in ST_DTYPES:
+        raise ValueError(f"{path}: {name} has dtype {_short(kind)}; expected one of {sorted(ST_DTYPES)}")
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise ValueError(f"{path}: {name} has shape {_short(shape)}; expected a list of integers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise ValueError(f"{path}: {name} has data_offsets {_short(offsets)}; expected [start, end], "
+                         "integers with 0 <= start <= end, counted from the start of the data section")
+    return kind, tuple(shape), offsets[0], offsets[1]
 
 
 class SafetensorsReader(Reader):
@@ -38,17 +63,34 @@ class SafetensorsReader(Reader):
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                             "expected an object of tensors)")
+        metadata = header.pop("__metadata__", None)
+        strings = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        if metadata is not None and not strings:
+            raise ValueError(f"{path}: its __metadata__ is {_short(metadata)}; expected an object of strings")
+        self.metadata = metadata or {}
         self.offsets = {}                  # name -> (file offset, stored dtype, is bfloat16)
+        spans = []
         for name, t in header.items():
-            kind, shape, (start, end) = t.get("dtype"), tuple(t.get("shape", ())), t.get("data_offsets", (0, -1))
-            if kind not in ST_DTYPES:
-                raise ValueError(f"{path}: {name} has dtype {kind}; expected one of {sorted(ST_DTYPES)}")
+            kind, shape, start, end = _entry(path, name, t)
             dtype = np.dtype(ST_DTYPES[kind])
-            if end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
-                raise ValueError(f"{path}: {name} of shape {shape} does not fit its data offsets {start}..{end}")
+            if end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{path}: {name} of shape {shape} and dtype {kind} needs "
+                                 f"{math.prod(shape) * dtype.itemsize} bytes; its data offsets {start}..{end} "
+                                 f"hold {end - start}")
+            if end > size - 8 - n:
+                raise ValueError(f"{path}: {name}: data offsets {start}..{end} run past the data section "
+                                 f"({size - 8 - n} bytes)")
+            spans.append((start, end, name))
             self.info[name] = (np.dtype(np.float32) if kind == "BF16" else dtype, shape)
             self.offsets[name] = (8 + n + start, dtype, kind == "BF16")
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"{path}: the data of {a} (ending at {end}) and {b} (starting at {start}) "
+                                 "overlap; each tensor must have bytes of its own")
         self.f = open(path, "rb", buffering=0)
 
     def read(self, name):
@@ -74,12 +116,23 @@ class ShardedSafetensorsReader(Reader):
     def __init__(self, index: Path):
         super().__init__()
         self.where = str(index.parent)
-        self.shard_of = json.loads(index.read_text())["weight_map"]
-        self.shards = {}
         try:
-            for file in sorted(set(self.shard_of.values())):
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (ValueError, AttributeError) as e:            # not JSON, not UTF-8, not an object
+            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with a weight_map; "
+                             f"{type(e).__name__}: {e})") from None
+        beside = lambda f: isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")
+        if not isinstance(weight_map, dict) or not all(beside(f) for f in weight_map.values()):
+            raise ValueError(f"{index}: its weight_map is {_short(weight_map)}; expected an object of "
+                             "tensor name -> shard file name (a file beside the index)")
+        self.shard_of, self.shards = weight_map, {}
+        try:
+            for file in sorted(set(weight_map.values())):
                 self.shards[file] = SafetensorsReader(index.parent / file)
-                self.info.update(self.shards[file].info)
+            for name, file in weight_map.items():
+                if name not in self.shards[file].info:
+                    raise ValueError(f"{index}: its weight_map puts {name} in {file}, which does not hold it")
+                self.info[name] = self.shards[file].info[name]
         except BaseException:
             self.close()
             raise

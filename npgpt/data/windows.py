@@ -1,92 +1,13 @@
-"""The training text and the batches made from it (the book's chapter 2 data pipeline, in NumPy).
+"""Batches cut from one text (the book's chapter 2 data pipeline, in NumPy).
 
-load_corpus() finds The Verdict; make_loaders() splits the text by characters into train and
-validation parts, tokenises each, and cuts them into sliding windows whose targets are the
-inputs shifted by one token.
+make_loaders() splits the text by characters into train and validation parts, tokenises each,
+and cuts them into sliding windows whose targets are the inputs shifted by one token.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
-import tempfile
-import urllib.request
-from pathlib import Path
-
 import numpy as np
 
-from .tokenizer import ENDOFTEXT
-
-VERDICT_NAME = "the-verdict.txt"
-VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-               "ch02/01_main-chapter-code/the-verdict.txt")
-VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
-VERDICT_CHARS = 20479
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "npgpt"
-
-
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def download(url: str, dest: Path, sha256: str, opener=urllib.request.urlopen, timeout: float = 30) -> Path:
-    """Fetch url into dest, keeping it only if its sha256 matches: a bad download never stays."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with opener(url, timeout=timeout) as response:
-        data = response.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"download of {url}: sha256 is {digest}, expected {sha256}; nothing was saved")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def fallback_corpus() -> str:
-    """Offline stand-in for The Verdict: the reference text every Python ships (pydoc_data),
-    cut to The Verdict's length so the default run costs what the book's does."""
-    from pydoc_data.topics import topics
-    return "".join(topics[k] for k in sorted(topics))[:VERDICT_CHARS]
-
-
-def load_corpus(path: str | Path | None = None, *, url: str = VERDICT_URL,
-                opener=urllib.request.urlopen) -> str:
-    """The text at path, or The Verdict: $NPGPT_DATA_DIR, the user cache, then a download
-    (sha256-checked) into the cache; offline, a stand-in from the standard library with a notice."""
-    if path is not None:
-        return read_text(path)
-    data_dir = os.environ.get("NPGPT_DATA_DIR")
-    if data_dir and (Path(data_dir) / VERDICT_NAME).is_file():
-        return read_text(Path(data_dir) / VERDICT_NAME)
-    cached = cache_dir() / VERDICT_NAME
-    if cached.is_file():
-        return read_text(cached)
-    try:
-        return read_text(download(url, cached, VERDICT_SHA256, opener=opener))
-    except OSError as e:  # no network (URLError is an OSError)
-        print(f"npgpt: could not download The Verdict ({e}); training on Python's own pydoc text "
-              f"instead. Pass a file with --data PATH or put {VERDICT_NAME} in $NPGPT_DATA_DIR.",
-              file=sys.stderr)
-        return fallback_corpus()
+from ..tokenizer import ENDOFTEXT
 
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> np.ndarray:

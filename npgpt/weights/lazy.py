@@ -1,18 +1,19 @@
 """Weights read one tensor at a time: LazyParam, the Reader interface of the weight-file readers,
 torch state_dicts, and building a model whose parameters are filled from lazy tensors.
 
-The readers of the file formats (safetensors_io.py, tfbundle.py, TorchReader below) know shapes
+The readers of the file formats (safetensors.py, tfbundle.py, TorchReader below) know shapes
 and dtypes up front and read data only when asked, so a loader holds at most one tensor besides
 the model. Pickles are never run: torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
-from .config import GPTConfig
-from .params import check_params, param_shapes
+from ..config import GPTConfig
+from ..params import check_params, param_shapes
 
 
 class LazyParam:
@@ -35,7 +36,7 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
     The NumPy backend's tensors are views into one flat buffer (param_views()): each is read
     straight into its view. Other backends get the lazy dict through load_params, one tensor in
     memory at a time besides the model."""
-    from .backend import build_model, check_build_args
+    from ..backend import build_model, check_build_args
     check_build_args(cfg, backend, dtype, device, torch_options)
     if backend != "numpy":
         zero = np.zeros((), np.dtype(dtype))             # the torch backend needs initial values
@@ -44,7 +45,7 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
                             **torch_options)
         model.load_params(params)                    # LazyParams are read as load_params asks for them
         return model
-    from .numpy_backend import NumpyGPT
+    from ..numpy_backend import NumpyGPT
     check_params(params, param_shapes(cfg))          # before allocating the model
     model = NumpyGPT(cfg, None, dtype=dtype, seed=seed)
     for name, view in model.param_views().items():
@@ -90,10 +91,18 @@ class TorchReader(Reader):
 
     def __init__(self, state: dict, where: str):
         super().__init__()
+        import torch
         self.where, self.state = where, state
         for name, t in state.items():
-            self.info[name] = (np.dtype(str(t.dtype).replace("torch.", "").replace("bfloat16", "float32")),
-                               tuple(t.shape))
+            kind = str(t.dtype).replace("torch.", "")
+            try:
+                dtype = np.dtype("float32" if kind == "bfloat16" else kind)
+            except TypeError:
+                dtype = None
+            if dtype is None or t.layout != torch.strided:
+                raise ValueError(f"{where}: {name} is a {kind} tensor of layout {t.layout}; npgpt reads dense "
+                                 "tensors of NumPy's dtypes (and bfloat16)")
+            self.info[name] = (dtype, tuple(t.shape))
 
     def read(self, name):
         import torch
@@ -107,20 +116,31 @@ def torch_state_dict(path) -> dict:
     import pickle
     import warnings
     import torch
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); expected a PyTorch state_dict")
     try:
-        # torch warns (with advice to unpickle anyway) before refusing a file; the refusal below says it
+        # torch's warnings and errors advise unpickling the file anyway: npgpt says its own line instead
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:           # torch's legacy (pre-zip) format cannot be memory-mapped
                 state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not loadable as plain tensors with torch.load(weights_only=True); "
-                         f"npgpt never unpickles arbitrary objects ({str(e).strip().splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path}: holds objects other than tensors{f' (such as {found.group(1)})' if found else ''}, "
+                         "which torch.load(weights_only=True) refuses to build; npgpt never unpickles untrusted "
+                         "data, so it does not read this file") from None
+    except Exception as e:             # torch on a damaged or foreign file: RuntimeError, EOFError, KeyError, ...
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        reason = "" if "weights_only" in reason else reason            # torch's advice to unpickle anyway
+        raise ValueError(f"{path}: not a PyTorch state_dict npgpt can read (damaged, truncated or another "
+                         f"format; {type(e).__name__}{f': {reason}' if reason else ''})") from None
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]                         # the book's model + optimizer file
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state_dict (names -> tensors), got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path}: expected a state_dict (names -> tensors), got {type(state).__name__}"
+                         + (" with other entries" if isinstance(state, dict) else ""))
     strip = re.compile(r"^(module\.|_orig_mod\.)+")                # DDP / torch.compile wrappers
     return {strip.sub("", k): v for k, v in state.items()}

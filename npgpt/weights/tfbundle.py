@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lazy_tensors import Reader, read_exact
+from .lazy import Reader, read_exact
 
 # ---- CRC-32C ----
 

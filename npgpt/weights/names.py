@@ -7,7 +7,8 @@ lay them out (kind); the transposes live here and nowhere else:
   Hugging Face  transformer.h.0.attn.c_attn.weight, Conv1D (in, out)  "T": transpose
   the book      trf_blocks.0.att.W_query, W_key, W_value (C, C)    "copy", one per row block of
                                                                    c_attn.weight (3C, C)
-map_params checks a reader's tensors against these and turns them into LazyParams.
+map_params checks a reader's tensors against these (names, shapes, a floating-point dtype) and
+turns them into LazyParams.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import re
 
 import numpy as np
 
-from .config import GPTConfig
-from .lazy_tensors import LazyParam, Reader
-from .params import param_shapes
+from ..config import GPTConfig
+from ..params import param_shapes
+from .lazy import LazyParam, Reader
 
 
 def openai_source(name: str) -> tuple[list[str], str]:
@@ -86,6 +87,9 @@ def map_params(reader: Reader, cfg: GPTConfig, source, ignore=()) -> dict[str, L
         for s in sources:
             if reader.info[s][1] != want:
                 raise ValueError(f"{reader.where}: {s} (npgpt {name}): expected shape {want}, got {reader.info[s][1]}")
+            if reader.info[s][0].kind != "f":
+                raise ValueError(f"{reader.where}: {s} (npgpt {name}) holds {reader.info[s][0]}; expected "
+                                 "floating-point weights (float16, bfloat16, float32 or float64)")
         params[name] = LazyParam(shape, reader.info[sources[0]][0], _filler(reader, sources, kind))
     return params
 
@@ -103,14 +107,18 @@ def _filler(reader: Reader, sources: list[str], kind: str):
     return fill
 
 
-def hf_tensors(model) -> dict[str, np.ndarray]:
+def hf_tensors(model) -> dict:
     """The model's parameters under GPT2LMHeadModel's names and layout (Conv1D weights (in, out)).
-    GPT-2 always has a c_attn bias: a model without one (qkv_bias=False) gets zeros, which is the same."""
-    cfg, params = model.cfg, model.params()
+    GPT-2 always has a c_attn bias: a model without one (qkv_bias=False) gets zeros, which is the same.
+    The NumPy backend's arrays are its own (param_views), and each transposed weight a LazyParam, so
+    a writer holds one transposed tensor at a time, not a copy of the model."""
+    cfg = model.cfg
+    params = model.param_views() if hasattr(model, "param_views") else model.params()
+    transposed = lambda p: LazyParam(p.shape[::-1], p.dtype, lambda out: np.copyto(out, p.T))
     out = {}
     for name, p in params.items():
         (source,), kind = hf_source(name)
-        out[source] = np.ascontiguousarray(p.T) if kind == "T" else p
+        out[source] = transposed(p) if kind == "T" else p
         if name.endswith("attn.c_attn.weight") and not cfg.qkv_bias:
             out[source.replace(".weight", ".bias")] = np.zeros(3 * cfg.emb_dim, p.dtype)
     return out

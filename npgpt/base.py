@@ -1,0 +1,56 @@
+"""The interface both backends implement, and what they share.
+
+Both hold the same flat dict of GPT-2-named parameters and offer the same methods: logits, loss,
+loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm, rng_state,
+set_rng_state, synchronize and generate. The training loop, sampling, checkpoints and weight
+loaders are written once against these.
+"""
+from __future__ import annotations
+
+import math
+
+from .training.perf import flops_per_token
+
+
+class Backend:
+    """What both models share. Each backend provides
+      forward_backward(inputs, targets) -> float   the mean loss, leaving the gradients in the model
+      clip_grad_norm(max_norm) -> float            the norm before clipping
+      new_kv_cache(batch_size, capacity)           an npgpt.sampling.KVCache in the backend's arrays
+      next_logits(ids, cache) -> (B, V)            the forward step of generation, in its arrays
+      sampler(seed) -> pick(logits, temperature, top_k, top_p) -> NumPy ids (B,)
+    and the training step and the generation loop (npgpt.sampling) are written once from them."""
+
+    peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
+
+    def flops_per_token(self, T: int) -> float:
+        return flops_per_token(self.cfg, T)
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True):
+        """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
+        A NaN or infinite loss raises FloatingPointError before the parameters are touched.
+
+        sync=False lets a backend whose work is queued on a device return before that work is done
+        (the torch backend on a GPU): the loss may then come back as a 0-dim device tensor, a
+        non-finite one skips its update on the device, and loss_value() turns it into a float,
+        raising FloatingPointError there. On the CPU the step is done when it returns either way."""
+        loss = self.forward_backward(inputs, targets)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
+        if clip_norm is not None:
+            self.clip_grad_norm(clip_norm)
+        optimizer.step()
+        return loss
+
+    def synchronize(self) -> None:
+        """Wait until the work queued on the device is done (a no-op where nothing is queued):
+        read a clock after this, not before, or the time leaves out the kernels still running."""
+
+
+def loss_value(loss) -> float:
+    """A loss from train_step(..., sync=False) as a float (this waits for the device); a NaN or
+    infinite one raises FloatingPointError: its step's update was skipped."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value}; the optimizer step was skipped")
+    return value

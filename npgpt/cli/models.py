@@ -1,0 +1,108 @@
+"""`npgpt generate`, `eval` and `convert`: commands that load a trained or pretrained model."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub):
+    g = sub.add_parser("generate", help="continue a prompt")
+    _model_source(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=123)
+    e = sub.add_parser("eval", help="train/val loss and perplexity on a text")
+    _model_source(e)
+    e.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: The Verdict, bundled), or a "
+                                                 "folder of token shards (their val part)")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--max-length", type=int, default=256, help="tokens per window, also the stride "
+                   "(default: 256, the book's exercise 5.5)")
+    c = sub.add_parser("convert", help="convert weights between formats")
+    c.add_argument("input", metavar="IN", help="an OpenAI GPT-2 folder, a Hugging Face folder or .safetensors, "
+                                               "a book .pth, an npgpt .h5")
+    c.add_argument("output", metavar="OUT", help="OUT.h5: npgpt checkpoint; OUT.safetensors: one file with "
+                                                 "Hugging Face names; anything else: a Hugging Face folder")
+    c.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
+    c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="of the written weights")
+
+
+def _model_source(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="FILE", help="an npgpt .h5 checkpoint")
+    src.add_argument("--pretrained", metavar="PATH", help="weights: an OpenAI GPT-2 folder, a Hugging Face "
+                                                         "folder or .safetensors, a book .pth, an npgpt .h5")
+    p.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
+    p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
+    p.add_argument("--device")
+
+
+
+def _load_model(args):
+    """(model in eval mode, its tokenizer): the one beside --pretrained weights, else GPT-2's."""
+    import npgpt
+    from ..weights.pretrained import load_tokenizer
+    if args.pretrained:
+        model = npgpt.load_pretrained(args.pretrained, backend=args.backend, device=args.device,
+                                      n_heads=args.n_heads)
+        tok = load_tokenizer(args.pretrained)
+    else:
+        model, _, _ = npgpt.load_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
+        tok = npgpt.get_tokenizer()
+    if tok.n_vocab > model.cfg.vocab_size:
+        raise ValueError(f"{args.pretrained or args.checkpoint}: the model has {model.cfg.vocab_size} token "
+                         f"embeddings but its tokenizer makes ids up to {tok.n_vocab - 1}; keep the tokenizer's "
+                         "encoder.json and vocab.bpe beside the weights")
+    return model.eval(), tok
+
+
+def cmd_generate(args):
+    import npgpt
+    model, tok = _load_model(args)
+    if not args.prompt:
+        raise ValueError("--prompt is empty: generation needs at least one token")
+    ids = npgpt.text_to_token_ids(args.prompt, tok)     # generate() looks at the last context_length tokens
+    out = npgpt.generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(npgpt.token_ids_to_text(out, tok))
+    return 0
+
+
+def cmd_eval(args):
+    """Mean loss over every window of the train and validation parts of a text: with GPT-2's 124M
+    weights and the defaults (windows of 256, stride 256, batch 2, train ratio 0.9) the book reports
+    3.7547 / 3.5596. For a folder of token shards, over every window of its val shards."""
+    import os
+
+    import npgpt
+    model, tok = _load_model(args)
+    max_length = min(args.max_length, model.cfg.context_length)
+    if args.data is not None and os.path.isdir(args.data):           # token shards: every val window
+        from ..data.shards import TokenDir
+        parts = [("val", TokenDir(args.data).val_batches(args.batch_size, max_length))]
+    else:
+        parts = zip(("train", "val"), npgpt.make_loaders(npgpt.load_corpus(args.data), tok, batch_size=args.batch_size,
+                                                         max_length=max_length, stride=max_length))
+    for name, loader in parts:
+        loss = npgpt.calc_loss_loader(model, loader)
+        print(f"{name} loss {loss:.4f}  perplexity {math.exp(loss):.2f}")
+    return 0
+
+
+def cmd_convert(args):
+    import npgpt
+    from ..weights.pretrained import save_safetensors
+    model = npgpt.load_pretrained(args.input, dtype=args.dtype, n_heads=args.n_heads)
+    out = Path(args.output)
+    if out.suffix in (".h5", ".hdf5"):
+        npgpt.save_checkpoint(out, model)
+    elif out.suffix == ".safetensors":
+        save_safetensors(model, out)
+    else:
+        npgpt.export_hf(model, out, tokenizer_from=args.input)
+    print(f"npgpt: wrote {out} ({npgpt.num_params(model.cfg):,} parameters, {model.cfg})", file=sys.stderr)
+    return 0

@@ -1,0 +1,196 @@
+"""`npgpt train`'s settings: the options, the values a resumed run keeps, and every check that can be
+made before a model is built or a step is taken."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+# The run's settings, saved in its checkpoint. With --resume, an option not given takes the saved
+# value (else the default here); the ones that decide the batches must not change mid-run.
+RUN_DEFAULTS = {"data": None, "data_sha256": None, "epochs": 10, "max_steps": None, "batch_size": 2,
+                "max_length": None, "stride": None, "seed": 123, "lr": 5e-4, "weight_decay": 0.1,
+                "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "clip": None,
+                "save_every": 0, "start_context": "Every effort moves you",
+                "world_size": 1}    # torchrun's processes, each with its own --batch-size windows a step
+SAME_BATCHES = ("data_sha256", "batch_size", "max_length", "stride", "seed")
+TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every")
+MAX_SEED = 2**63 - 1                                   # what every RNG involved (NumPy's, torch's) accepts
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="pretrain on a text file (default: The Verdict) or a folder of token shards")
+    d = RUN_DEFAULTS
+    p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
+    p.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: The Verdict, bundled), or a folder "
+                                                 "of token shards (npgpt prepare, llm.c, nanoGPT's train.bin)")
+    p.add_argument("--preset", help="model size (book-124m, gpt2-small, ..., tiny; default: book-124m, "
+                                    "or the --resume checkpoint's)")
+    p.add_argument("--drop-rate", type=float, help="dropout rate (default: the preset's)")
+    p.add_argument("--epochs", type=int, help=f"text: total epochs of the run (default: {d['epochs']})")
+    p.add_argument("--max-steps", type=int, help="shards: total optimizer steps of the run")
+    p.add_argument("--batch-size", type=int, help=f"default: {d['batch_size']}")
+    p.add_argument("--max-length", type=int, help="tokens per window (default: the context length)")
+    p.add_argument("--stride", type=int, help="text: step between windows (default: max length)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"default: {d['weight_decay']}")
+    p.add_argument("--eval-freq", type=int, help=f"text: evaluate every N steps (default: {d['eval_freq']})")
+    p.add_argument("--eval-every", type=int, help=f"shards: evaluate and sample every N steps "
+                                                  f"(default: {d['eval_every']})")
+    p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default: {d['eval_iter']})")
+    p.add_argument("--warmup", type=int, metavar="STEPS", help="linear warmup steps (default: 0)")
+    p.add_argument("--cosine", action="store_true", default=None, help="cosine decay after warmup")
+    p.add_argument("--clip", type=float, metavar="NORM", help="clip the global gradient norm")
+    p.add_argument("--out", metavar="DIR", help="checkpoint, history.json, loss plot (default: runs/npgpt, "
+                                                "or the folder of the --resume checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--save-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
+    p.add_argument("--resume", metavar="CKPT", help="continue the run saved in a checkpoint, with its settings")
+    p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--autocast", choices=("bf16",), help="torch: bf16 autocast (CUDA, or a CPU with bf16)")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile the training step")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="torch: run each batch as K micro-batches (same gradients, less memory)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="default: float32, or the --resume "
+                                                                  "checkpoint's")
+    p.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {d['seed']})")
+    p.add_argument("--start-context", help=f"prompt of the samples (default: {d['start_context']!r})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def data_fingerprint(path: str | None) -> str:
+    """sha256 of what decides the batches: the text's bytes (the bundled Verdict's when None), or for a
+    folder of shards its manifest (which lists every shard's sha256) or else each shard's name and size."""
+    from ..data.corpus import VERDICT_FILE
+    from ..data.shards import TokenDir
+    if path is None or not os.path.isdir(path):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"corpus file not found: {path}")
+        return hashlib.sha256(Path(path or VERDICT_FILE).read_bytes()).hexdigest()
+    tokens = TokenDir(path)
+    manifest = Path(path) / f"{tokens.name}_manifest.json"
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sizes = [(p.name, p.stat().st_size) for split in ("val", "train") for p in tokens.files[split]]
+    return hashlib.sha256(json.dumps(sizes).encode()).hexdigest()
+
+
+def resolve_run(args) -> None:
+    """Fill the run settings not given: from the resumed checkpoint's, else RUN_DEFAULTS (a checkpoint
+    saved without them keeps its optimizer's lr and weight decay); then check them all."""
+    from ..config import GPTConfig
+    from ..weights.checkpoint import open_checkpoint
+    for key in ("preset", "out", "data", "resume", "device"):
+        if getattr(args, key) == "":
+            raise ValueError(f"--{key} is empty; leave it out for the default")
+    saved = {}
+    if args.resume:
+        with open_checkpoint(args.resume) as ckpt:
+            saved = ckpt["run"]
+        if args.preset is not None and GPTConfig.preset(args.preset, drop_rate=ckpt["config"].drop_rate) \
+                != ckpt["config"]:
+            raise ValueError(f"--preset {args.preset}: {args.resume} holds another model ({ckpt['config']}), "
+                             "and a resumed run keeps its model (leave --preset out)")
+        if args.dtype is not None and args.dtype != ckpt["dtype"]:
+            raise ValueError(f"--dtype {args.dtype}: {args.resume} was trained in {ckpt['dtype']}, and a resumed "
+                             "run keeps its model (leave --dtype out)")
+    else:
+        args.preset = "book-124m" if args.preset is None else args.preset
+        args.dtype = args.dtype or "float32"
+        GPTConfig.preset(args.preset)                                  # an unknown name fails here
+    if args.data is None:
+        args.data = saved.get("data")
+    args.data = None if args.data is None else os.path.realpath(args.data)
+    shards = args.data is not None and os.path.isdir(args.data)
+    wrong = [k for k in (SHARDS_ONLY if not shards else TEXT_ONLY) if getattr(args, k) is not None]
+    if wrong:
+        kind = "a folder of token shards trains by --max-steps" if shards else "a text file trains by --epochs"
+        raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply: {kind}")
+    if shards and args.max_steps is None and "max_steps" not in saved:
+        raise ValueError(f"--data {args.data} is a folder of token shards: give the run's length with --max-steps N")
+    args.data_sha256 = data_fingerprint(args.data)
+    if "data_sha256" in saved and saved["data_sha256"] != args.data_sha256:
+        raise ValueError(f"--data {args.data or 'The Verdict'}: its contents differ from the data {args.resume} "
+                         "was trained on; a resumed run must see the same batches (start a new run)")
+    changed = [k for k in SAME_BATCHES[1:] if k in saved and getattr(args, k) not in (None, saved[k])]
+    if changed:
+        flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+        raise ValueError(f"{args.resume} was trained with {flags}; a resumed run must see the same batches "
+                         f"(leave these options out, or start a new run)")
+    for key, default in RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            keep_optimizer = args.resume and key in ("lr", "weight_decay")
+            unused = key in (TEXT_ONLY if shards else SHARDS_ONLY)
+            setattr(args, key, None if unused else saved.get(key, None if keep_optimizer else default))
+    if args.out is None:
+        args.out = str(Path(args.resume).parent) if args.resume else "runs/npgpt"
+    check_run(args)
+
+
+def check_run(args) -> None:
+    """The run's numbers, given or resumed, before anything is built: each error names the option."""
+    def check(key, ok, expected):
+        value = getattr(args, key)
+        if value is not None and (isinstance(value, bool) or not ok(value)):
+            raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
+    for key in ("epochs", "max_steps", "batch_size", "max_length", "stride", "eval_freq", "eval_every",
+                "eval_iter", "grad_accum"):
+        check(key, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
+    for key in ("save_every", "warmup"):
+        check(key, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    check("seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+    check("clip", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf, "a positive number")
+    for key in ("lr", "weight_decay"):
+        check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf, "a number >= 0")
+    check("drop_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    check("start_context", lambda v: v.strip() != "", "some text (the samples continue it)")
+    torch_only = [f"--{k.replace('_', '-')}" for k, v in torch_options(args).items()]
+    if torch_only and args.backend != "torch":
+        raise ValueError(f"{torch_only[0]} needs --backend torch")
+
+
+def torch_options(args) -> dict:
+    """The torch backend's build options the command line gives (none of them by default)."""
+    options = {}
+    if args.autocast:
+        options["autocast"] = args.autocast
+    if args.compile:
+        options["compile"] = True
+    if args.grad_accum != 1:
+        options["grad_accum"] = args.grad_accum
+    return options
+
+
+def check_device(backend: str, device: str | None) -> None:
+    """--device names a device this machine has, before a model is built."""
+    if device is None:
+        return
+    if backend == "numpy":
+        if device != "cpu":
+            raise ValueError(f"--device {device}: the numpy backend runs on the CPU; use --backend torch")
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a torch device (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: npgpt trains on cpu or cuda")
+
+
+def check_out(out: Path, ckpt_path: Path, args) -> None:
+    """A new run never replaces a checkpoint without --overwrite, and --out must be writable: both are
+    known before the first step, so both fail before it."""
+    resuming_here = args.resume and ckpt_path.exists() and os.path.samefile(args.resume, ckpt_path)
+    if ckpt_path.exists() and not resuming_here and not args.overwrite:
+        how = f"--resume {ckpt_path} to continue it" if not args.resume else "another --out"
+        raise ValueError(f"{ckpt_path} already exists; use {how}, or --overwrite to replace it")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())   # out itself is made later
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write in {existing}, so no checkpoint could be saved")

@@ -1,0 +1,238 @@
+"""`npgpt train`: the book's chapter-5 run by default, or a run by steps over token shards.
+
+Every setting is resolved and checked before a model is built (run.py); the checkpoint is written at
+the end, every --save-every steps and when a signal stops the run, never over another run's
+checkpoint without --overwrite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .run import RUN_DEFAULTS, check_device, check_out, resolve_run, torch_options
+
+__all__ = ["cmd_train"]
+
+
+class _Stopped(Exception):
+    """Raised at a step boundary after a signal asked the run to stop; its checkpoint is saved."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """A second signal: stop now. The exit code is 128 + the signal's number, as for the first."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM while training: the first one only sets a flag, which the loop
+    checks after each step (the run saves its checkpoint there, between two optimizer steps, and
+    exits with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM); a second one stops at
+    once, except during a save, which it lets finish first (a save is atomic either way, but an
+    exception raised inside h5py's cleanup can be swallowed). Signals ignored when npgpt started
+    (nohup) stay ignored; the previous handlers come back on exit."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+        self.saving = False
+        self.pending = None
+
+    def _handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        elif self.saving:
+            self.pending = signum
+        else:
+            raise _Interrupted(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise _Stopped
+
+    def save(self, save, state) -> None:
+        """save(state), with a second signal held back until the file is complete."""
+        self.saving = True
+        try:
+            save(state)
+        finally:
+            self.saving = False
+        if self.pending is not None:
+            raise _Interrupted(self.pending)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+
+def _kept(ckpt_path) -> str:
+    """What a run that stopped on an error leaves behind: its last checkpoint, as it was."""
+    from ..weights.checkpoint import open_checkpoint
+    try:
+        with open_checkpoint(ckpt_path) as ckpt:
+            state = ckpt["state"]
+    except (OSError, ValueError):
+        return f"no checkpoint was saved to {ckpt_path}"
+    return f"the last checkpoint, {ckpt_path} (step {state.global_step}), is kept as it was"
+
+
+def _model(args, options):
+    """(model, optimizer, TrainState): resumed from --resume, else built from the preset and seed."""
+    import npgpt
+    from ..training.state import TrainState
+    if not args.resume:
+        overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
+        cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
+        model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device,
+                                  **options)
+        return model, npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay), TrainState()
+    model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device, **options)
+    if opt is None:
+        raise ValueError(f"{args.resume}: holds no optimizer state, so training cannot resume from it")
+    if args.drop_rate is not None and args.drop_rate != model.cfg.drop_rate:
+        raise ValueError(f"--drop-rate {args.drop_rate}: {args.resume} was trained with "
+                         f"{model.cfg.drop_rate}, and a resumed run keeps its model")
+    for key in ("lr", "weight_decay"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(opt, key))
+        setattr(opt, key, getattr(args, key))
+    return model, opt, state
+
+
+def _data(args, cfg, tok, ranks):
+    """The run's batches and its description: the book's loaders over a text, or batches by step
+    from token shards (each rank its own windows)."""
+    import npgpt
+    if args.max_length > cfg.context_length:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's context length {cfg.context_length}")
+    B, T = args.batch_size, args.max_length
+    if args.max_steps is not None:
+        from ..data.shards import TokenDir
+        tokens = TokenDir(args.data)
+        rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
+        train, val = tokens.train_batches(B, T, args.seed, rank, world), tokens.val_batches(B, T, args.eval_iter)
+        counts = tokens.num_tokens
+        return train, val, (f"{counts['train']:,} train / {counts['val']:,} val tokens, batches of {B}x{T}, "
+                            f"{args.max_steps} steps")
+    train, val = npgpt.make_loaders(npgpt.load_corpus(args.data), tok, batch_size=B, max_length=T,
+                                    stride=args.stride, seed=args.seed)
+    if ranks is not None:
+        train, val = ranks.shard(train), ranks.shard(val)
+    return train, val, f"{len(train)} train / {len(val)} val batches of {B}x{T} tokens, {args.epochs} epochs"
+
+
+def cmd_train(args):
+    import npgpt
+    from ..files import atomic_write
+    from ..plot import plot_losses
+
+    args.world_size = None                      # the resumed run's, else 1
+    resolve_run(args)
+    options = torch_options(args)
+    ranks = None                                # started by torchrun: data-parallel, one rank per process
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if args.backend != "torch":
+            raise ValueError("under torchrun, train with --backend torch (DistributedDataParallel); "
+                             "the numpy backend runs in one process")
+        from ..torch_backend.distributed import Ranks
+        ranks = Ranks(args.device)
+        args.device = str(ranks.device)
+    check_device(args.backend, args.device)
+    world_size = 1 if ranks is None else ranks.world_size
+    if args.resume and args.world_size != world_size:
+        raise ValueError(f"{args.resume} was trained by {args.world_size} processes (torchrun ranks), this run "
+                         f"has {world_size}; a resumed run must see the same batches, so resume it with "
+                         f"{args.world_size}")
+    args.world_size = world_size
+    is_main = ranks is None or ranks.is_main    # rank 0 alone prints and writes files
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.h5"
+    if is_main:
+        check_out(out, ckpt_path, args)
+    tok = npgpt.get_tokenizer()
+    model, opt, state = _model(args, options)
+    cfg = model.cfg
+    args.max_length = args.max_length or cfg.context_length
+    args.stride = args.stride or (None if args.max_steps else args.max_length)
+    train_batches, val_batches, described = _data(args, cfg, tok, ranks)
+    if ranks is not None:
+        ranks.wrap(model)
+    run = {key: getattr(args, key) for key in RUN_DEFAULTS}
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def save(state):
+        if not is_main:
+            return
+        npgpt.save_checkpoint(ckpt_path, model, opt, state=state, run=run)
+        history = {"train_losses": state.train_losses, "val_losses": state.val_losses,
+                   "tokens_seen": state.track_tokens_seen, "steps": state.track_steps, "lrs": state.lrs,
+                   "epoch": state.epoch, "global_step": state.global_step, "config": cfg.to_dict(),
+                   "backend": model.backend, "wall_time_s": round(time.time() - started, 1),
+                   "train_step_s": round(state.step_seconds, 1)}
+        atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
+
+    stop = _StopOnSignal()
+
+    def on_step(state):
+        if ranks:               # every rank stops at the same step, whichever got the signal
+            stop.signum = ranks.agree_max(stop.signum or 0) or None
+        if args.save_every and (state.global_step + 1) % args.save_every == 0 or stop.signum is not None:
+            stop.save(save, state)
+        stop.check()
+
+    if is_main:
+        print(f"npgpt: {args.backend} backend, {npgpt.num_params(cfg):,} parameters, {described}"
+              f"{f' on each of {world_size} processes' if ranks else ''}", file=sys.stderr)
+    common = dict(warmup_steps=args.warmup, cosine=args.cosine, clip_norm=args.clip, state=state, on_step=on_step,
+                  progress=not args.no_progress and is_main, print_fn=None if is_main else (lambda *_: None))
+    try:
+        with stop:
+            if args.max_steps is not None:
+                npgpt.train_steps(model, train_batches, val_batches, opt, args.max_steps, args.eval_every,
+                                  args.start_context, tok, **common)
+            else:
+                npgpt.train_model_simple(model, train_batches, val_batches, opt, args.epochs, args.eval_freq,
+                                         args.eval_iter, args.start_context, tok, **common)
+            stop.save(save, state)
+    except _Stopped:
+        if is_main:
+            launcher = f"torchrun --nproc_per_node={world_size} -m npgpt" if ranks else "npgpt"
+            where = "" if args.max_steps else f" (epoch {state.global_step // len(train_batches) + 1})"
+            print(f"npgpt: {signal.Signals(stop.signum).name} at step {state.global_step}{where}; saved {ckpt_path}; "
+                  f"continue with: {launcher} train --resume {ckpt_path}", file=sys.stderr)
+        if ranks:
+            ranks.finish()
+        return 128 + stop.signum
+    except npgpt.TrainingDiverged as e:
+        raise npgpt.TrainingDiverged(f"training diverged at {e}; {_kept(ckpt_path)}") from e
+    except OSError as e:                                     # a save failed: disk full, no permission, ...
+        raise OSError(f"training stopped: {e}; {_kept(ckpt_path)}") from e
+    if ranks is not None:
+        ranks.finish()
+        if not is_main:
+            return 0
+    if state.train_losses:
+        plot_losses(args.epochs, state.track_tokens_seen, state.train_losses, state.val_losses, out / "loss.png",
+                    steps=state.track_steps if args.max_steps else None)
+    print(f"npgpt: done in {time.time() - started:.0f} s ({state.step_seconds:.0f} s of it in training steps); "
+          f"wrote {ckpt_path}, {out / 'history.json'}{', ' + str(out / 'loss.png') if state.train_losses else ''}",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,183 @@
+"""The chapter-5 training loop, written once against the backend interface.
+
+calc_loss_batch / calc_loss_loader / evaluate_model / train_model_simple follow the book; the
+keyword-only extras of train_model_simple add appendix D (linear warmup, cosine decay, gradient
+clipping), a progress bar, and the hooks the command line uses for checkpoints and resuming.
+train_steps is the same step by steps over token shards, for corpora larger than memory.
+The loop talks to the model through the Backend interface only (npgpt/base.py): train_step,
+loss, train/eval, flops_per_token and peak_flops.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..sampling import generate
+from ..tokenizer import text_to_token_ids, token_ids_to_text
+from .schedule import warmup_cosine_lr
+from .state import TrainingDiverged, TrainState
+
+
+def calc_loss_batch(model, inputs, targets) -> float:
+    return model.loss(inputs, targets)
+
+
+def calc_loss_loader(model, loader, num_batches=None) -> float:
+    """Mean loss over the first num_batches batches (all of them when None; capped at len(loader))."""
+    if len(loader) == 0:
+        return float("nan")
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    total = 0.0
+    for i, (inputs, targets) in enumerate(loader):
+        if i >= num_batches:
+            break
+        total += calc_loss_batch(model, inputs, targets)
+    return total / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, eval_iter):
+    """(train loss, val loss) over eval_iter batches each, with dropout off."""
+    was_training = model.training
+    model.eval()
+    try:
+        train_loss = calc_loss_loader(model, train_loader, num_batches=eval_iter)
+        val_loss = calc_loss_loader(model, val_loader, num_batches=eval_iter)
+    finally:
+        if was_training:
+            model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50, print_fn=print):
+    """Greedy continuation of start_context, printed on one line (the book's sample after each epoch)."""
+    context_size = model.cfg.context_length
+    ids = text_to_token_ids(start_context, tokenizer)[:, -context_size:]
+    out = generate(model, ids, max_new_tokens=max_new_tokens, context_size=context_size, temperature=0.0)
+    print_fn(token_ids_to_text(out, tokenizer).replace("\n", " "))
+
+
+class _Stepper:
+    """One optimizer step as both loops take it: the schedule's learning rate, clipping from the end of
+    warmup on, the step itself, the run's bookkeeping in state and the progress bar."""
+
+    def __init__(self, model, optimizer, state, total_steps, world_size, warmup_steps, cosine, clip_norm,
+                 initial_lr, min_lr, progress, print_fn):
+        if state.peak_lr is None:              # a resumed run keeps its schedule's peak, not the last lr
+            state.peak_lr = optimizer.lr
+        self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
+        self.schedule = (total_steps, warmup_steps, initial_lr, min_lr, cosine)
+        self.scheduled, self.clip_norm = warmup_steps > 0 or cosine, clip_norm
+        self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
+                        desc="train", unit="step", dynamic_ncols=True)
+        self.say = print_fn or (self.bar.write if progress else print)
+
+    def __call__(self, inputs, targets, where: str, **postfix) -> float:
+        """Train on one batch as step global_step + 1; where names it in an error ("epoch 3")."""
+        state, model, optimizer = self.state, self.model, self.optimizer
+        step = state.global_step + 1
+        total_steps, warmup_steps, initial_lr, min_lr, cosine = self.schedule
+        if self.scheduled:
+            optimizer.lr = warmup_cosine_lr(step, state.peak_lr, total_steps, warmup_steps, initial_lr, min_lr,
+                                            cosine)
+        started = time.perf_counter()
+        try:
+            loss = model.train_step(inputs, targets, optimizer,
+                                    clip_norm=self.clip_norm if step >= warmup_steps else None)
+        except FloatingPointError as e:
+            raise TrainingDiverged(f"step {step} ({where}): {e}") from None
+        seconds = time.perf_counter() - started
+        tokens = int(np.size(inputs)) * self.world_size                    # over every rank
+        state.step_seconds += seconds
+        state.global_step = step
+        state.tokens_seen += tokens
+        state.lrs.append(optimizer.lr)
+        self.bar.update(1)
+        speed = {"tok/s": f"{tokens / seconds:.0f}"}
+        if model.peak_flops:                      # model FLOPs utilisation over every rank's device
+            flops = model.flops_per_token(np.shape(inputs)[-1]) * tokens / seconds
+            speed["mfu"] = f"{flops / (model.peak_flops * self.world_size):.0%}"
+        self.bar.set_postfix(**postfix, loss=f"{loss:.3f}", lr=f"{optimizer.lr:.2e}", **speed)
+        return loss
+
+    def record(self, label: str, train_loss: float, val_loss: float) -> None:
+        state = self.state
+        state.train_losses.append(train_loss)
+        state.val_losses.append(val_loss)
+        state.track_tokens_seen.append(state.tokens_seen)
+        state.track_steps.append(state.global_step)
+        self.say(f"{label} (Step {state.global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
+                       start_context, tokenizer, *, warmup_steps=0, cosine=False, clip_norm=None,
+                       initial_lr=3e-5, min_lr=1e-6, state=None, on_step=None, on_epoch_end=None,
+                       progress=True, print_fn=None):
+    """Train for num_epochs over train_loader, evaluating every eval_freq steps and printing a sample
+    after each epoch. Returns (train_losses, val_losses, tokens_seen) as the book's function does.
+
+    Without warmup_steps, cosine or clip_norm this is the book's loop exactly (constant lr).
+    With them it is appendix D's: the lr is set before each step and gradients are clipped on
+    every step from the end of warmup on. state (a TrainState) resumes an interrupted run;
+    on_step(state) and on_epoch_end(state) are called after each step / epoch (checkpoints).
+    """
+    state = state or TrainState()
+    steps_per_epoch = len(train_loader)
+    world_size = getattr(train_loader, "world_size", 1)                # torchrun's processes
+    step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, warmup_steps,
+                         cosine, clip_norm, initial_lr, min_lr, progress, print_fn)
+    try:
+        for epoch in range(state.epoch, num_epochs):
+            state.epoch = epoch
+            model.train()
+            train_loader.set_epoch(epoch)
+            done_in_epoch = state.global_step + 1 - epoch * steps_per_epoch   # > 0 after a mid-epoch resume
+            for i, (inputs, targets) in enumerate(train_loader):
+                if i < done_in_epoch:
+                    continue
+                step_once(inputs, targets, f"epoch {epoch + 1}", epoch=epoch + 1)
+                if state.global_step % eval_freq == 0:
+                    step_once.record(f"Ep {epoch + 1}", *evaluate_model(model, train_loader, val_loader, eval_iter))
+                if on_step is not None:
+                    on_step(state)
+            generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
+            state.epoch = epoch + 1
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+    finally:
+        step_once.bar.close()
+    return state.train_losses, state.val_losses, state.track_tokens_seen
+
+
+def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_every, start_context, tokenizer,
+                *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=3e-5, min_lr=1e-6, state=None,
+                on_step=None, progress=True, print_fn=None):
+    """Train by steps on a corpus of token shards: step s trains on train_batches.batch(s), which
+    depends on (seed, s) alone, so a resumed run (state) takes the same batches as one that never
+    stopped, and a larger max_steps continues it. Every eval_every steps (and at the last) it
+    prints the mean training loss of the steps since the last report and the loss over
+    val_batches (dropout off), then a greedy sample; the schedule runs over max_steps.
+    """
+    state = state or TrainState()
+    step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, warmup_steps, cosine,
+                         clip_norm, initial_lr, min_lr, progress, print_fn)
+    recent = []
+    try:
+        model.train()
+        while state.global_step + 1 < max_steps:
+            inputs, targets = train_batches.batch(state.global_step + 1)
+            recent.append(step_once(inputs, targets, f"of {max_steps}"))
+            step = state.global_step
+            if step % eval_every == 0 or step == max_steps - 1:
+                model.eval()
+                val_loss = calc_loss_loader(model, val_batches)
+                step_once.record("Steps", float(np.mean(recent)), val_loss)
+                generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
+                model.train()
+                recent = []
+            if on_step is not None:
+                on_step(state)
+    finally:
+        step_once.bar.close()
+    return state.train_losses, state.val_losses, state.track_tokens_seen
