@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def add_parsers(sub):
                                                  "Hugging Face names; anything else: a Hugging Face folder")
     c.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="of the written weights")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the input itself)")
 
 
 def _model_source(p):
@@ -76,8 +78,6 @@ def cmd_eval(args):
     """Mean loss over every window of the train and validation parts of a text: with GPT-2's 124M
     weights and the defaults (windows of 256, stride 256, batch 2, train ratio 0.9) the book reports
     3.7547 / 3.5596. For a folder of token shards, over every window of its val shards."""
-    import os
-
     import npgpt
     model, tok = _load_model(args)
     max_length = min(args.max_length, model.cfg.context_length)
@@ -96,8 +96,12 @@ def cmd_eval(args):
 def cmd_convert(args):
     import npgpt
     from ..weights.pretrained import save_safetensors
+    src, out = Path(args.input), Path(args.output)
+    if out.exists() and src.exists() and (os.path.samefile(src, out) or src.resolve() in out.resolve().parents):
+        raise ValueError(f"{out}: is the input {src} (or inside it); write the converted weights elsewhere")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     model = npgpt.load_pretrained(args.input, dtype=args.dtype, n_heads=args.n_heads)
-    out = Path(args.output)
     if out.suffix in (".h5", ".hdf5"):
         npgpt.save_checkpoint(out, model)
     elif out.suffix == ".safetensors":
