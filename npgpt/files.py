@@ -33,6 +33,8 @@ def _file_mode(path: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    if os.name != "posix":                       # on Windows os.kill(pid, 0) would end the process
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
