@@ -22,6 +22,7 @@ class Backend:
     and the training step and the generation loop (npgpt.sampling) are written once from them."""
 
     peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
+    synchronous = True    # a step's work is done when train_step returns (False: queued on a GPU)
 
     def flops_per_token(self, T: int) -> float:
         return flops_per_token(self.cfg, T)

@@ -231,7 +231,100 @@ def test_bf16_matmul_check_catches_float32_matmuls(device):
         check_matmuls_in_bf16(model)
 
 
+# ---- the step that does not wait for the GPU, generation, evaluation padding ----
+
+def check_never_waits(**options):
+    _, model = reference_and_model("float32", cfg=CFG, **options)
+    model.train()
+    opt = npgpt.AdamW(model, lr=1e-3)
+    inputs, targets = random_batch(CFG, 8, 32, seed=3)      # the dropout test's shape: one compile for both
+    expected = model.train_step(inputs, targets, opt, clip_norm=1.0)     # warm-up (compiles, allocates)
+    torch.cuda.set_sync_debug_mode("error")            # any synchronising call raises
+    try:
+        losses = [model.train_step(inputs, targets, opt, clip_norm=1.0, sync=False) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(isinstance(loss, torch.Tensor) and loss.is_cuda for loss in losses)
+    model.synchronize()
+    values = [loss_value(loss) for loss in losses]
+    assert values[-1] < expected, f"no progress: {expected} then {values}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [{}, {"autocast": "bf16"}])
+def test_train_step_never_waits_for_the_gpu(options):
+    check_never_waits(**options)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+def test_nonfinite_loss_skips_the_update_on_the_gpu():
+    _, model = reference_and_model("float32", autocast="bf16")
+    opt = npgpt.AdamW(model.train(), lr=1e-3)
+    inputs, targets = random_batch(CFG, 4, 32, seed=4)
+    model.train_step(inputs, targets, opt)
+    before = model.params()
+    with torch.no_grad():
+        model.module.h[0].ln_1.weight.fill_(float("nan"))
+    loss = model.train_step(inputs, targets, opt, sync=False)
+    with pytest.raises(FloatingPointError, match="skipped"):
+        loss_value(loss)
+    after = model.params()
+    for name, p in before.items():
+        if name != "h.0.ln_1.weight":
+            np.testing.assert_array_equal(after[name], p, err_msg=f"{name} was updated by a NaN loss")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+def test_float64_adamw_and_greedy_generation():
+    reference, model = reference_and_model("float64")
+    reference.train(), model.train()
+    opts = [npgpt.AdamW(m, lr=1e-3, weight_decay=0.1, decay_all=False) for m in (reference, model)]
+    for step in range(5):
+        inputs, targets = random_batch(CFG, 2, 32, seed=10 + step)
+        reference.dropout_masks = model.dropout_masks = \
+            lambda name, shape: np.random.default_rng([step, zlib.crc32(name.encode())]).random(shape) >= CFG.drop_rate
+        losses = [m.train_step(inputs, targets, opt, clip_norm=1.0) for m, opt in zip((reference, model), opts)]
+        assert_close(f"loss, step {step}", losses[1], losses[0], rtol=1e-9)
+    # the key bias's gradient is zero in exact arithmetic (softmax ignores a constant added to a
+    # row of scores), so it is rounding noise that AdamW scales up to ~lr * noise / eps: its
+    # entries near zero are judged against the tensor's scale, atol = 1e-10 * max|p|
+    for name, ref in reference.params().items():
+        assert_close(name, model.params()[name], ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    prompt = random_batch(CFG, 2, 5, seed=3)[0]
+    expected = npgpt.generate(reference.eval(), prompt, max_new_tokens=40, temperature=0.0)   # slides past 32
+    for cache in (True, False):
+        np.testing.assert_array_equal(
+            npgpt.generate(model.eval(), prompt, max_new_tokens=40, temperature=0.0, use_cache=cache), expected)
+    sampled = [npgpt.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+               for _ in range(2)]
+    np.testing.assert_array_equal(sampled[0], sampled[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+def test_bf16_generation_logits_are_float32_and_empty_batches_are_nan():
+    _, model = reference_and_model("float32", autocast="bf16")
+    ids = random_batch(CFG, 2, 5, seed=3)[0]
+    logits = model.next_logits(ids, None)
+    assert logits.dtype == torch.float32 and logits.shape == (2, CFG.vocab_size)
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float()), "the head ran in bf16"
+    assert np.isnan(model.loss(np.zeros((0, 32), np.int64), np.zeros((0, 32), np.int64)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+def test_this_gpu_is_in_the_peak_table():
+    name = torch.cuda.get_device_name()
+    if any(family in name for family in ("H100", "H200", "A100")):
+        assert npgpt.peak_flops(name, "bf16") is not None, f"{name!r} is missing from npgpt's PEAK_TFLOPS"
+    report("gpu", name=name, bf16_peak=npgpt.peak_flops(name, "bf16"))
+
+
 # ---- the compiled production step (SDPA, dropout from the RNG, bf16, fused AdamW) vs eager ----
+# (last in the file: compiling takes the most time)
 
 def curve(device, compile, autocast="bf16", frozen=False, steps=8):
     """Losses of train_step over two alternating batches, lr 3e-3, from the same parameters."""
@@ -339,89 +432,7 @@ def test_dropout_check_catches_dropout_that_never_drops(memorised):
                             no_dropout)
 
 
-# ---- the step that does not wait for the GPU, generation, evaluation padding ----
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("options", [{}, {"autocast": "bf16"}, {"autocast": "bf16", "compile": True}])
-def test_train_step_never_waits_for_the_gpu(options):
-    _, model = reference_and_model("float32", cfg=CFG, **options)
-    model.train()
-    opt = npgpt.AdamW(model, lr=1e-3)
-    inputs, targets = random_batch(CFG, 4, 32, seed=4)
-    expected = model.train_step(inputs, targets, opt, clip_norm=1.0)     # warm-up (compiles, allocates)
-    torch.cuda.set_sync_debug_mode("error")            # any synchronising call raises
-    try:
-        losses = [model.train_step(inputs, targets, opt, clip_norm=1.0, sync=False) for _ in range(3)]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(isinstance(loss, torch.Tensor) and loss.is_cuda for loss in losses)
-    model.synchronize()
-    values = [loss_value(loss) for loss in losses]
-    assert values[-1] < expected, f"no progress: {expected} then {values}"
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
-def test_nonfinite_loss_skips_the_update_on_the_gpu():
-    _, model = reference_and_model("float32", autocast="bf16")
-    opt = npgpt.AdamW(model.train(), lr=1e-3)
-    inputs, targets = random_batch(CFG, 4, 32, seed=4)
-    model.train_step(inputs, targets, opt)
-    before = model.params()
-    with torch.no_grad():
-        model.module.h[0].ln_1.weight.fill_(float("nan"))
-    loss = model.train_step(inputs, targets, opt, sync=False)
-    with pytest.raises(FloatingPointError, match="skipped"):
-        loss_value(loss)
-    after = model.params()
-    for name, p in before.items():
-        if name != "h.0.ln_1.weight":
-            np.testing.assert_array_equal(after[name], p, err_msg=f"{name} was updated by a NaN loss")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
-def test_float64_adamw_and_greedy_generation():
-    reference, model = reference_and_model("float64")
-    reference.train(), model.train()
-    opts = [npgpt.AdamW(m, lr=1e-3, weight_decay=0.1, decay_all=False) for m in (reference, model)]
-    for step in range(5):
-        inputs, targets = random_batch(CFG, 2, 32, seed=10 + step)
-        reference.dropout_masks = model.dropout_masks = \
-            lambda name, shape: np.random.default_rng([step, zlib.crc32(name.encode())]).random(shape) >= CFG.drop_rate
-        losses = [m.train_step(inputs, targets, opt, clip_norm=1.0) for m, opt in zip((reference, model), opts)]
-        assert_close(f"loss, step {step}", losses[1], losses[0], rtol=1e-9)
-    # the key bias's gradient is zero in exact arithmetic (softmax ignores a constant added to a
-    # row of scores), so it is rounding noise that AdamW scales up to ~lr * noise / eps: its
-    # entries near zero are judged against the tensor's scale, atol = 1e-10 * max|p|
-    for name, ref in reference.params().items():
-        assert_close(name, model.params()[name], ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
-    prompt = random_batch(CFG, 2, 5, seed=3)[0]
-    expected = npgpt.generate(reference.eval(), prompt, max_new_tokens=40, temperature=0.0)   # slides past 32
-    for cache in (True, False):
-        np.testing.assert_array_equal(
-            npgpt.generate(model.eval(), prompt, max_new_tokens=40, temperature=0.0, use_cache=cache), expected)
-    sampled = [npgpt.generate(model, prompt, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)
-               for _ in range(2)]
-    np.testing.assert_array_equal(sampled[0], sampled[1])
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
-def test_bf16_generation_logits_are_float32_and_empty_batches_are_nan():
-    _, model = reference_and_model("float32", autocast="bf16")
-    ids = random_batch(CFG, 2, 5, seed=3)[0]
-    logits = model.next_logits(ids, None)
-    assert logits.dtype == torch.float32 and logits.shape == (2, CFG.vocab_size)
-    assert not torch.equal(logits, logits.to(torch.bfloat16).float()), "the head ran in bf16"
-    assert np.isnan(model.loss(np.zeros((0, 32), np.int64), np.zeros((0, 32), np.int64)))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
-def test_this_gpu_is_in_the_peak_table():
-    name = torch.cuda.get_device_name()
-    if any(family in name for family in ("H100", "H200", "A100")):
-        assert npgpt.peak_flops(name, "bf16") is not None, f"{name!r} is missing from npgpt's PEAK_TFLOPS"
-    report("gpu", name=name, bf16_peak=npgpt.peak_flops(name, "bf16"))
+def test_compiled_train_step_never_waits_for_the_gpu():
+    check_never_waits(autocast="bf16", compile=True)

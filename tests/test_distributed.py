@@ -11,8 +11,9 @@ tokens; DDP's averaged gradient and the ranks' averaged loss are the mean of W e
 the same number up to rounding. Evaluation lines up the same way: the train and val losses recorded
 after every step (--eval-freq 1) average the ranks' shares of the first --eval-iter global batches,
 weighted by windows. The validation text below holds 2 windows, one batch of B, so rank 1 takes
-part in its evaluation with an empty batch. Dropout is off (--drop-rate 0): the ranks draw their own
-masks.
+part in its evaluation with an empty batch. Dropout is off (--drop-rate 0) where runs are compared
+with one process: the ranks draw their own masks. With dropout on, a run resumed under torchrun is
+compared with the same run straight through.
 
 Run as a script under torchrun, this file is also the worker of the Python API test.
 """
@@ -82,9 +83,9 @@ def small_text(verdict_text, tmp_path_factory):
     return path
 
 
-def train_args(dtype, data, batch_size, out):
-    return ["train", "--backend", "torch", "--device", "cpu", "--preset", "tiny", "--drop-rate", "0",
-            "--dtype", dtype, "--data", str(data), "--epochs", "2", "--max-length", str(T),
+def train_args(dtype, data, batch_size, out, drop_rate=0.0, epochs=2):
+    return ["train", "--backend", "torch", "--device", "cpu", "--preset", "tiny", "--drop-rate", str(drop_rate),
+            "--dtype", dtype, "--data", str(data), "--epochs", str(epochs), "--max-length", str(T),
             "--batch-size", str(batch_size), "--eval-freq", "1", "--eval-iter", "2", "--warmup", "2",
             "--cosine", "--clip", "1.0", "--no-progress", "--out", str(out)]
 
@@ -127,6 +128,41 @@ def test_torchrun_cli_matches_one_process(dtype, small_text, tmp_path, capsys):
     assert ddp["steps"] == ref["steps"] == list(range(3 * STEPS))
     assert_close(f"{dtype} resumed train losses", ddp["train_losses"], ref["train_losses"], **LOSS_TOL[dtype])
     assert_close(f"{dtype} resumed val losses", ddp["val_losses"], ref["val_losses"], **LOSS_TOL[dtype])
+
+
+def test_torchrun_resume_with_dropout_is_exact(small_text, tmp_path):
+    """2 ranks with dropout 0.1: 2 epochs straight, and 1 epoch then 1 resumed, give identical
+    losses and parameters. The checkpoint holds rank 0's dropout generator, which is every rank's:
+    each rank adds its rank to the seeds it draws (TorchGPT._compute), so none reseeds on resume."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out, epochs in ((straight, 2), (split, 1)):
+        args = train_args("float32", small_text, B, out, drop_rate=0.1, epochs=epochs)
+        warmup = args.index("--warmup")
+        del args[warmup:warmup + 2], args[args.index("--cosine")]     # a constant lr, whatever --epochs
+        torchrun(["-m", "npgpt", *args], cwd=tmp_path)
+    torchrun(["-m", "npgpt", "train", "--backend", "torch", "--device", "cpu", "--epochs", "2", "--no-progress",
+              "--resume", str(split / "checkpoint.h5")], cwd=tmp_path)
+    runs = [json.loads((d / "history.json").read_text()) for d in (straight, split)]
+    assert runs[0]["steps"] == runs[1]["steps"] == list(range(2 * STEPS))
+    for key in ("train_losses", "val_losses"):
+        np.testing.assert_array_equal(runs[1][key], runs[0][key], err_msg=key)
+    params = [npgpt.load_checkpoint(d / "checkpoint.h5")[0].params() for d in (straight, split)]
+    for name, p in params[0].items():
+        np.testing.assert_array_equal(params[1][name], p, err_msg=name)
+
+
+def test_ranks_draw_their_own_masks_from_one_generator_state():
+    """Without processes: rank 1's dropout differs from rank 0's, yet both leave the model's
+    generator in the same state (what makes rank 0's checkpoint resume every rank)."""
+    from types import SimpleNamespace
+    cfg = npgpt.GPTConfig.preset("tiny", drop_rate=0.1)
+    x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, B, T))
+    models = [npgpt.build_model(cfg, backend="torch", device="cpu") for _ in range(WORLD)]
+    for rank, model in enumerate(models):
+        model.ranks = SimpleNamespace(rank=rank, mean=lambda loss, n: loss)
+    losses = [model.loss(x, y) for model in models]
+    assert losses[0] != losses[1]
+    assert models[0].rng_state() == models[1].rng_state()
 
 
 @pytest.mark.parametrize("n_windows, drop_last", [(21, True), (23, True), (5, False), (2, False), (7, False)])

@@ -90,11 +90,11 @@ def test_cli_nan_loss_exits_2_naming_the_step_and_keeps_the_checkpoint(tmp_path,
     from npgpt.numpy_backend import NumpyGPT as model_class
     train_step, kept = model_class.train_step, {}
 
-    def poisoned(self, inputs, targets, optimizer, clip_norm=None):
+    def poisoned(self, inputs, targets, optimizer, clip_norm=None, sync=True):
         if optimizer.step_count == 5:
             kept.update({name: (tmp_path / "run" / name).read_bytes() for name in ("checkpoint.h5", "history.json")})
             self.p["ln_f.weight"][0] = np.nan
-        return train_step(self, inputs, targets, optimizer, clip_norm)
+        return train_step(self, inputs, targets, optimizer, clip_norm, sync)
     monkeypatch.setattr(model_class, "train_step", poisoned)
     assert main(train_args(text, tmp_path / "run", "--save-every", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,17 +15,14 @@ from npgpt.base import loss_value
 from npgpt.torch_backend import device as device_mod
 from npgpt.torch_backend.distributed import rank_device
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = npgpt.GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
                       drop_rate=0.1, qkv_bias=True)
 
 
 def batch(seed=0, B=2, T=16):
     return np.random.default_rng(seed).integers(0, CFG.vocab_size, (2, B, T))
-
-
-@pytest.fixture(autouse=True)
-def one_thread(one_thread):
-    yield
 
 
 def test_float64_with_bf16_autocast_is_refused():

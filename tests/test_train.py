@@ -10,6 +10,7 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
+from npgpt.training.state import TrainState
 
 TINY = npgpt.GPTConfig.preset("tiny")
 
@@ -72,3 +73,53 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing.txt"), "--preset", "tiny", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("npgpt train: error:") and "missing.txt" in err[-1]
+
+
+class QueuedLoss:
+    """A loss as a GPU leaves it after train_step(sync=False): reading it waits for the device."""
+    reads = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __float__(self):
+        QueuedLoss.reads += 1
+        return self.value
+
+
+def test_the_loop_reads_a_queued_device_only_every_few_steps(verdict_text, monkeypatch):
+    """A backend that queues its work (a GPU) is waited for every FLUSH_EVERY steps and before each
+    evaluation, not after every step; a NaN found at a flush still names its own step."""
+    from npgpt.numpy_backend import NumpyGPT
+    from npgpt.training.loop import FLUSH_EVERY
+    waits = []
+    train_step = NumpyGPT.train_step
+    monkeypatch.setattr(NumpyGPT, "synchronous", False, raising=False)
+    monkeypatch.setattr(NumpyGPT, "synchronize", lambda self: waits.append(QueuedLoss.reads), raising=False)
+    poison = {}
+
+    def queued(self, inputs, targets, optimizer, clip_norm=None, sync=True):
+        value = train_step(self, inputs, targets, optimizer, clip_norm)
+        return QueuedLoss(float("nan") if optimizer.step_count == poison.get("at") else value)
+    monkeypatch.setattr(NumpyGPT, "train_step", queued)
+    tok = npgpt.get_tokenizer()
+    train, val = npgpt.make_loaders(verdict_text, tok, batch_size=2, max_length=16, stride=16)
+    model = npgpt.build_model(TINY)
+    calls = []
+    state = TrainState()
+    npgpt.train_model_simple(model, train, val, npgpt.AdamW(model), 1, 25, 1, "Every", tok, state=state,
+                             on_step=lambda s: calls.append(s.global_step), progress=False, print_fn=lambda *_: None)
+    steps, due, pending = len(train), [], 0
+    for step in range(steps):                      # flushed: FLUSH_EVERY steps queued, an evaluation, the end
+        pending += 1
+        if pending == FLUSH_EVERY or step % 25 == 0 or step == steps - 1:
+            due.append(step)
+            pending = 0
+    assert steps > 3 * FLUSH_EVERY and len(due) < steps / 5
+    assert calls == due and len(waits) == len(due) and QueuedLoss.reads == steps
+    assert len(state.train_losses) == len(range(0, steps, 25))
+    poison["at"] = 3                               # the third step of a new run: found at the flush after it
+    with pytest.raises(npgpt.TrainingDiverged, match=r"^step 2 \(epoch 1\): loss is nan"):
+        fresh = npgpt.build_model(TINY)
+        npgpt.train_model_simple(fresh, train, val, npgpt.AdamW(fresh), 1, 25, 1, "Every", tok, progress=False,
+                                 print_fn=lambda *_: None)

@@ -190,12 +190,14 @@ def cmd_train(args):
         atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
 
     stop = _StopOnSignal()
+    saved_at = [state.global_step]
 
-    def on_step(state):
+    def on_step(state):         # after every step on the CPU, every few on a GPU (see training/loop.py)
         if ranks:               # every rank stops at the same step, whichever got the signal
             stop.signum = ranks.agree_max(stop.signum or 0) or None
-        if args.save_every and (state.global_step + 1) % args.save_every == 0 or stop.signum is not None:
+        if args.save_every and state.global_step - saved_at[0] >= args.save_every or stop.signum is not None:
             stop.save(save, state)
+            saved_at[0] = state.global_step
         stop.check()
 
     if is_main:

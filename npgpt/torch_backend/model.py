@@ -270,6 +270,10 @@ class TorchGPT(Backend):
         not in its table."""
         return None if self.device_name is None else peak_flops(self.device_name, self.precision)
 
+    @property
+    def synchronous(self) -> bool:
+        return self.device.type != "cuda"
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -301,7 +305,7 @@ class TorchGPT(Backend):
     def loss(self, inputs, targets) -> float:
         inputs, targets = self._ids(inputs), self._ids(targets, "targets")
         with torch.no_grad(), self._compute():
-            if True:
+            if len(inputs):
                 loss = self.module(inputs, targets)
             else:   # a rank's padding batch in DDP evaluation: no forward (flash SDPA refused batch 0)
                 loss = torch.full((), math.nan, device=self.device)
@@ -343,7 +347,7 @@ class TorchGPT(Backend):
         tensor on the device, clipping stays there, and a non-finite loss skips the update inside
         fused AdamW's kernel (found_inf, as torch's GradScaler uses it). The optimizer's step_count
         still counts a skipped step; npgpt.base.loss_value raises when the loss is read."""
-        if sync or not optimizer.fused:
+        if sync or not getattr(optimizer, "fused", False):
             return super().train_step(inputs, targets, optimizer, clip_norm)
         loss = self._forward_backward(inputs, targets)           # averaged over the ranks: all agree
         if clip_norm is not None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..base import loss_value
 from ..sampling import generate
 from ..tokenizer import text_to_token_ids, token_ids_to_text
 from .schedule import warmup_cosine_lr
@@ -58,9 +59,18 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
     print_fn(token_ids_to_text(out, tokenizer).replace("\n", " "))
 
 
+FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU
+
+
 class _Stepper:
     """One optimizer step as both loops take it: the schedule's learning rate, clipping from the end of
-    warmup on, the step itself, the run's bookkeeping in state and the progress bar."""
+    warmup on, the step itself, the run's bookkeeping in state and the progress bar.
+
+    Steps are taken with sync=False, so on a GPU the host queues step after step without waiting;
+    flush() waits for the device, reads the pending losses back (a NaN or infinite one ends the run
+    naming its step; its update was skipped on the device) and times the window of steps. A
+    synchronous backend (the CPU) is flushed after every step, a GPU every FLUSH_EVERY steps and
+    before every evaluation, sample, save and the end."""
 
     def __init__(self, model, optimizer, state, total_steps, world_size, warmup_steps, cosine, clip_norm,
                  initial_lr, min_lr, progress, print_fn):
@@ -69,37 +79,63 @@ class _Stepper:
         self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
         self.schedule = (total_steps, warmup_steps, initial_lr, min_lr, cosine)
         self.scheduled, self.clip_norm = warmup_steps > 0 or cosine, clip_norm
+        self.flush_every = 1 if model.synchronous else FLUSH_EVERY
         self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
                         desc="train", unit="step", dynamic_ncols=True)
         self.say = print_fn or (self.bar.write if progress else print)
+        self.pending, self.window_tokens, self.postfix = [], 0, {}
+        self.restart_clock()
 
-    def __call__(self, inputs, targets, where: str, **postfix) -> float:
-        """Train on one batch as step global_step + 1; where names it in an error ("epoch 3")."""
+    def restart_clock(self) -> None:
+        """Time from here on counts as step time (called after evaluations, samples and saves)."""
+        self.window_start = time.perf_counter()
+
+    def __call__(self, inputs, targets, where: str, **postfix) -> None:
+        """Queue one batch's step as step global_step + 1; where names it in an error ("epoch 3")."""
         state, model, optimizer = self.state, self.model, self.optimizer
         step = state.global_step + 1
         total_steps, warmup_steps, initial_lr, min_lr, cosine = self.schedule
         if self.scheduled:
             optimizer.lr = warmup_cosine_lr(step, state.peak_lr, total_steps, warmup_steps, initial_lr, min_lr,
                                             cosine)
-        started = time.perf_counter()
         try:
             loss = model.train_step(inputs, targets, optimizer,
-                                    clip_norm=self.clip_norm if step >= warmup_steps else None)
+                                    clip_norm=self.clip_norm if step >= warmup_steps else None, sync=False)
         except FloatingPointError as e:
             raise TrainingDiverged(f"step {step} ({where}): {e}") from None
-        seconds = time.perf_counter() - started
         tokens = int(np.size(inputs)) * self.world_size                    # over every rank
-        state.step_seconds += seconds
         state.global_step = step
         state.tokens_seen += tokens
         state.lrs.append(optimizer.lr)
+        self.pending.append((step, where, loss, np.shape(inputs)[-1]))
+        self.window_tokens += tokens
+        self.postfix = postfix
         self.bar.update(1)
-        speed = {"tok/s": f"{tokens / seconds:.0f}"}
-        if model.peak_flops:                      # model FLOPs utilisation over every rank's device
-            flops = model.flops_per_token(np.shape(inputs)[-1]) * tokens / seconds
-            speed["mfu"] = f"{flops / (model.peak_flops * self.world_size):.0%}"
-        self.bar.set_postfix(**postfix, loss=f"{loss:.3f}", lr=f"{optimizer.lr:.2e}", **speed)
-        return loss
+
+    @property
+    def due(self) -> bool:
+        return len(self.pending) >= self.flush_every
+
+    def flush(self) -> list[float]:
+        """Wait for the device, read the pending losses, report the window's speed; -> the losses."""
+        if not self.pending:
+            return []
+        self.model.synchronize()
+        seconds = time.perf_counter() - self.window_start
+        self.state.step_seconds += seconds
+        losses = []
+        for step, where, loss, T in self.pending:
+            try:
+                losses.append(loss_value(loss))
+            except FloatingPointError as e:
+                raise TrainingDiverged(f"step {step} ({where}): {e}") from None
+        speed = {"tok/s": f"{self.window_tokens / seconds:.0f}"}
+        if self.model.peak_flops:                 # model FLOPs utilisation over every rank's device
+            flops = self.model.flops_per_token(T) * self.window_tokens / seconds
+            speed["mfu"] = f"{flops / (self.model.peak_flops * self.world_size):.0%}"
+        self.bar.set_postfix(**self.postfix, loss=f"{losses[-1]:.3f}", lr=f"{self.optimizer.lr:.2e}", **speed)
+        self.pending, self.window_tokens = [], 0
+        return losses
 
     def record(self, label: str, train_loss: float, val_loss: float) -> None:
         state = self.state
@@ -120,7 +156,9 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
     Without warmup_steps, cosine or clip_norm this is the book's loop exactly (constant lr).
     With them it is appendix D's: the lr is set before each step and gradients are clipped on
     every step from the end of warmup on. state (a TrainState) resumes an interrupted run;
-    on_step(state) and on_epoch_end(state) are called after each step / epoch (checkpoints).
+    on_step(state) is called once the steps so far are done and read back (after every step on the
+    CPU, every FLUSH_EVERY steps and at evaluations and epoch ends on a GPU), on_epoch_end(state)
+    after each epoch: checkpoints are saved from these.
     """
     state = state or TrainState()
     steps_per_epoch = len(train_loader)
@@ -137,14 +175,20 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                 if i < done_in_epoch:
                     continue
                 step_once(inputs, targets, f"epoch {epoch + 1}", epoch=epoch + 1)
-                if state.global_step % eval_freq == 0:
+                evaluate = state.global_step % eval_freq == 0
+                if not (step_once.due or evaluate or i == len(train_loader) - 1):
+                    continue
+                step_once.flush()
+                if evaluate:
                     step_once.record(f"Ep {epoch + 1}", *evaluate_model(model, train_loader, val_loader, eval_iter))
                 if on_step is not None:
                     on_step(state)
+                step_once.restart_clock()
             generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
             state.epoch = epoch + 1
             if on_epoch_end is not None:
                 on_epoch_end(state)
+            step_once.restart_clock()
     finally:
         step_once.bar.close()
     return state.train_losses, state.val_losses, state.track_tokens_seen
@@ -167,17 +211,21 @@ def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_ev
         model.train()
         while state.global_step + 1 < max_steps:
             inputs, targets = train_batches.batch(state.global_step + 1)
-            recent.append(step_once(inputs, targets, f"of {max_steps}"))
+            step_once(inputs, targets, f"of {max_steps}")
             step = state.global_step
-            if step % eval_every == 0 or step == max_steps - 1:
+            evaluate = step % eval_every == 0 or step == max_steps - 1
+            if not (step_once.due or evaluate):
+                continue
+            recent += step_once.flush()
+            if evaluate:
                 model.eval()
-                val_loss = calc_loss_loader(model, val_batches)
-                step_once.record("Steps", float(np.mean(recent)), val_loss)
+                step_once.record("Steps", float(np.mean(recent)), calc_loss_loader(model, val_batches))
                 generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
                 model.train()
                 recent = []
             if on_step is not None:
                 on_step(state)
+            step_once.restart_clock()
     finally:
         step_once.bar.close()
     return state.train_losses, state.val_losses, state.track_tokens_seen
