@@ -12,8 +12,12 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256

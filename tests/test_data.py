@@ -1,6 +1,5 @@
 """The data pipeline: The Verdict's numbers from the book, the sliding-window arithmetic against
 the book's GPTDatasetV1 loop, shuffling and sharding, and the bundled corpus."""
-import hashlib
 from pathlib import Path
 
 import numpy as np

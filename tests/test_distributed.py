@@ -29,6 +29,7 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
+from parity.helpers import assert_close
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD, B, T = 2, 2, 16               # ranks, windows per rank and step, tokens per window
@@ -36,16 +37,6 @@ CHARS = 1500                         # of The Verdict: 21 train windows (5 steps
 STEPS = 5
 LOSS_TOL = {"float64": dict(atol=1e-10, rtol=0.0), "float32": dict(atol=0.0, rtol=1e-5)}
 TIMEOUT_S = 180
-
-
-def assert_close(name, a, b, atol=0.0, rtol=0.0):
-    """|a - b| <= atol + rtol * |b| elementwise (b is the reference), reporting the max difference."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, f"{name}: shapes differ, {a.shape} vs {b.shape}"
-    diff = np.abs(a - b)
-    bad = ~(diff <= atol + rtol * np.abs(b))
-    assert not bad.any(), (f"{name}: {int(bad.sum())} of {diff.size} differ, max |a-b| = {diff.max():.3e} "
-                           f"(atol {atol:g}, rtol {rtol:g}, max |b| = {np.abs(b).max():.3e})")
 
 
 def torchrun(args, cwd, timeout=TIMEOUT_S):
@@ -66,14 +57,8 @@ def torchrun(args, cwd, timeout=TIMEOUT_S):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process references run on one thread, as each rank does (OMP_NUM_THREADS=1): on a
-    loaded 2-core machine a second OpenMP thread made these small models several times slower."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_torch_thread(one_thread):
+    """The in-process references run on one thread, as each rank does (OMP_NUM_THREADS=1)."""
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +113,32 @@ def test_torchrun_cli_matches_one_process(dtype, small_text, tmp_path, capsys):
     assert ddp["steps"] == ref["steps"] == list(range(3 * STEPS))
     assert_close(f"{dtype} resumed train losses", ddp["train_losses"], ref["train_losses"], **LOSS_TOL[dtype])
     assert_close(f"{dtype} resumed val losses", ddp["val_losses"], ref["val_losses"], **LOSS_TOL[dtype])
+
+
+def test_torchrun_on_shards_takes_one_process_windows_split_between_the_ranks(tmp_path, verdict_text):
+    """From token shards, rank r of W takes the r-th B of the step's W*B distinct windows, so two
+    ranks of batch B train on exactly the batches of one process with batch 2B (float64)."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "v.txt").write_text(verdict_text, encoding="utf-8")
+    assert main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "shards"), "--val-fraction", "0.1",
+                 "--no-progress"]) == 0
+
+    def args(batch, out):
+        return ["train", "--backend", "torch", "--device", "cpu", "--preset", "tiny", "--drop-rate", "0",
+                "--dtype", "float64", "--data", str(tmp_path / "shards"), "--max-length", str(T), "--batch-size",
+                str(batch), "--max-steps", "6", "--eval-every", "2", "--eval-iter", "2", "--no-progress",
+                "--out", str(out)]
+    torchrun(["-m", "npgpt", *args(B, tmp_path / "ddp")], cwd=tmp_path)
+    assert main(args(WORLD * B, tmp_path / "ref")) == 0
+    ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "history.json").read_text())
+    assert ddp["steps"] == ref["steps"] == [0, 2, 4, 5] and ddp["tokens_seen"] == ref["tokens_seen"]
+    assert_close("train losses", ddp["train_losses"], ref["train_losses"], **LOSS_TOL["float64"])
+    assert_close("val losses", ddp["val_losses"], ref["val_losses"], **LOSS_TOL["float64"])
+    batches = [npgpt.data.TokenDir(tmp_path / "shards").train_batches(B, T, 123, rank, WORLD) for rank in range(WORLD)]
+    for step in range(6):                      # no window twice within a step
+        starts = [tuple(zip(*b.starts(step))) for b in batches]
+        assert not set(starts[0]) & set(starts[1])
 
 
 def test_torchrun_resume_with_dropout_is_exact(small_text, tmp_path):

@@ -45,3 +45,17 @@ def test_the_blocker_blocks(tmp_path):
     """The same setup does stop torch, so the test above would catch an import."""
     result = run_without_torch(tmp_path, "import npgpt\nnpgpt.build_model(npgpt.GPTConfig.preset('tiny'), backend='torch')")
     assert result.returncode != 0 and "torch is blocked in this test" in result.stderr
+
+
+def test_the_layers_a_reader_opens_first_load_numpy_and_nothing_heavier():
+    """`import npgpt.numpy_backend.layers` (and `import npgpt`) pull in no tokenizer, HDF5, plotting,
+    progress bar or torch: npgpt's own modules, NumPy, the standard library and threadpoolctl (a
+    small pure-Python module that sets BLAS's thread count) only."""
+    script = ("import sys; import npgpt; import npgpt.numpy_backend.layers\n"
+              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    before = subprocess.run([sys.executable, "-c", "import sys, numpy; print(' '.join(sorted({m.split('.')[0] "
+                             "for m in sys.modules})))"], capture_output=True, text=True, check=True, cwd=REPO)
+    after = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    extra = set(after.stdout.split()) - set(before.stdout.split()) - set(sys.stdlib_module_names)
+    assert extra - {"threadpoolctl"} == {"npgpt"}, extra

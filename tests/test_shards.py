@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import importlib
 import json
+import os
 import re
 import struct
 import subprocess
@@ -24,8 +25,7 @@ from npgpt.data.prepare import prepare, val_split
 from npgpt.data.shards import TokenDir
 from npgpt.tokenizer import get_tokenizer
 
-prepare_mod, shards_mod, sources = (importlib.import_module(f"npgpt.data.{m}")
-                                    for m in ("prepare", "shards", "sources"))
+prepare_mod, sources = (importlib.import_module(f"npgpt.data.{m}") for m in ("prepare", "sources"))
 EOT = 50256
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 
@@ -388,14 +388,14 @@ def test_bad_paths_are_refused_before_writing(tmp_path):
 
 def test_a_failed_shard_write_leaves_nothing(corpus, tmp_path, monkeypatch):
     calls = []
-    real = shards_mod.os.replace
+    real = os.replace
 
     def replace(src, dst):                                   # the disk fills at the third shard
         calls.append(dst)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
         real(src, dst)
-    monkeypatch.setattr(shards_mod.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)            # the rename of files.atomic_write
     with pytest.raises(OSError, match="No space left"):
         prepare(corpus, tmp_path, shard_tokens=500, progress=False)
     assert leftovers(tmp_path) == []

@@ -126,7 +126,8 @@ def _data(args, cfg, tok, ranks):
         from ..data.shards import TokenDir
         tokens = TokenDir(args.data)
         rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
-        train, val = tokens.train_batches(B, T, args.seed, rank, world), tokens.val_batches(B, T, args.eval_iter)
+        train = tokens.train_batches(B, T, args.seed, rank, world)
+        val = tokens.val_batches(B, T, args.eval_iter, rank, world)
         counts = tokens.num_tokens
         return train, val, (f"{counts['train']:,} train / {counts['val']:,} val tokens, batches of {B}x{T}, "
                             f"{args.max_steps} steps")

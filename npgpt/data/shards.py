@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import re
 from pathlib import Path
 
@@ -180,11 +179,15 @@ class ValBatches:
     """Validation batches: the val shards cut from their start into windows of T + 1 tokens that
     advance by T (each token after a shard's first is a target once), in order, B to a batch.
     All windows when num_batches is None, else those of the first num_batches batches (fewer when
-    the val shards hold fewer); the last batch may be smaller. Iterate it again for the same batches."""
+    the val shards hold fewer); the last batch may be smaller. Iterate it again for the same batches.
+    Data-parallel: a batch is W * B windows and rank r gets rows r*B .. r*B + B - 1 of it (maybe
+    none of the last), so W ranks evaluate exactly the batches of one process with batch W * B."""
 
     def __init__(self, shards: list[np.ndarray], batch_size: int, max_length: int,
-                 num_batches: int | None = None, files: list | None = None):
-        _positive(batch_size=batch_size, max_length=max_length)
+                 num_batches: int | None = None, files: list | None = None, rank: int = 0, world_size: int = 1):
+        _positive(batch_size=batch_size, max_length=max_length, world_size=world_size)
+        self.rank, self.rows = rank, slice(rank * batch_size, (rank + 1) * batch_size)
+        batch_size *= world_size
         if num_batches is not None:
             _positive(num_batches=num_batches)
         self.shards, self.batch_size, self.max_length = shards, batch_size, max_length
@@ -210,6 +213,7 @@ class ValBatches:
             window = np.empty((len(number), T + 1), dtype=np.int64)                     # (B, T+1)
             for row, (s, o) in enumerate(zip(shard, offset)):
                 window[row] = self.shards[s][o:o + T + 1]
+            window = window[self.rows]                                                  # this rank's
             yield window[:, :-1], window[:, 1:]                                         # (B, T) each
 
 
@@ -288,6 +292,8 @@ class TokenDir:
         return TrainBatches(self.train, batch_size, max_length, seed, rank, world_size,
                             files=self.files["train"])
 
-    def val_batches(self, batch_size: int, max_length: int, num_batches: int | None = None) -> ValBatches:
+    def val_batches(self, batch_size: int, max_length: int, num_batches: int | None = None, rank: int = 0,
+                    world_size: int = 1) -> ValBatches:
         """The val shards' batches, in order from the start (see ValBatches)."""
-        return ValBatches(self.val, batch_size, max_length, num_batches, files=self.files["val"])
+        return ValBatches(self.val, batch_size, max_length, num_batches, files=self.files["val"], rank=rank,
+                          world_size=world_size)

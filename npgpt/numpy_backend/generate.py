@@ -46,7 +46,7 @@ def forward_cached(model, idx, cache: sampling.KVCache) -> np.ndarray:
     cache.length = t1
     last = x.reshape(B, Tn, C)[:, -1]                                      # (B, C)
     last, _ = L.layernorm_forward(last, p["ln_f.weight"], p["ln_f.bias"])
-    return last @ model.head_weight().T                                    # (B, V)
+    return L.linear_forward(last, model.head_weight())[0]                  # (B, V)
 
 
 def sampler(seed):

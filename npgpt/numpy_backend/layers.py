@@ -13,7 +13,8 @@ wte's gradient), parameter gradients are overwritten, not accumulated.
 
 The elementwise layers run their math on blocks of rows, `def rows(r): ...` applied to every
 slice r of rows by threads.for_row_blocks: the same NumPy expressions as on whole arrays, but a
-block stays in the L2 cache through all of them and the blocks run on every core.
+block stays in the L2 cache through all of them and the blocks run on every core. Attention runs
+`def head(i): ...` for each head the same way, and matmul (threads.py) is `@` on every core.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import math
 
 import numpy as np
 
-from .threads import for_row_blocks, uniform_float32
+from .threads import for_row_blocks, matmul, parallel_map, uniform_float32
 
 LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -78,7 +79,7 @@ def dropout_backward(dout, cache):
 
 def linear_forward(x, w, b=None):
     """x (N, Cin), w (Cout, Cin), b (Cout,) -> (N, Cout)"""
-    out = x @ w.T
+    out = matmul(x, w.T)
     if b is not None:
         out += b
     return out, (x, w)
@@ -87,10 +88,10 @@ def linear_forward(x, w, b=None):
 def linear_backward(dout, cache, dw, db=None):
     """dout (N, Cout) -> dx (N, Cin); writes dw (Cout, Cin) and db (Cout,)"""
     x, w = cache
-    np.matmul(dout.T, x, out=dw)                      # (Cout, N) @ (N, Cin)
+    matmul(dout.T, x, out=dw)                         # (Cout, N) @ (N, Cin)
     if db is not None:
         np.sum(dout, axis=0, out=db)
-    return dout @ w                                   # (N, Cout) @ (Cout, Cin)
+    return matmul(dout, w)                            # (N, Cout) @ (Cout, Cin)
 
 
 # ---- LayerNorm -------------------------------------------------------------------------------
@@ -179,21 +180,19 @@ def attention_forward(qkv, n_heads, att_mask=None):
     C = C3 // 3
     hs = C // n_heads
     q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)    # 3 x (B, NH, T, hs)
-    att = q @ k.swapaxes(-1, -2)                                            # (B, NH, T, T)
-    att_d = att if att_mask is None else np.empty_like(att)
-    bias = causal_bias(T, att.dtype)
-    att_h, att_d_h, mask_h = (a if a is None else a.reshape(B * n_heads, T, T) for a in (att, att_d, att_mask))
+    att = np.empty((B, n_heads, T, T), qkv.dtype)
+    y = np.empty((B, T, n_heads, hs), qkv.dtype)                            # heads side by side
+    bias = causal_bias(T, qkv.dtype)
 
-    def rows(r):                                                            # r: a block of heads
-        a = att_h[r]
+    def head(i):                                                            # one head: b, h
+        b, h = divmod(i, n_heads)
+        a = np.matmul(q[b, h], k[b, h].T, out=att[b, h])                    # (T, T)
         a *= 1.0 / math.sqrt(hs)
         a += bias
         softmax_inplace(a)
-        if att_mask is not None:
-            np.multiply(a, mask_h[r], out=att_d_h[r])                       # dropout
-    for_row_blocks(rows, att_h)
-    y = np.empty((B, T, n_heads, hs), qkv.dtype)                            # heads side by side
-    np.matmul(att_d, v, out=y.transpose(0, 2, 1, 3))                        # (B, NH, T, hs)
+        a_d = a if att_mask is None else a * att_mask[b, h]                 # dropout
+        np.matmul(a_d, v[b, h], out=y[b, :, h])                             # (T, hs)
+    parallel_map(head, range(B * n_heads))
     return y.reshape(B, T, C), (q, k, v, att, att_mask)
 
 
@@ -202,28 +201,24 @@ def attention_backward(dy, cache):
     q, k, v, att, att_mask = cache
     B, NH, T, hs = q.shape
     dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)                     # (B, NH, T, hs)
-    att_h, mask_h = (a if a is None else a.reshape(B * NH, T, T) for a in (att, att_mask))
-    att_d = att if att_mask is None else np.empty_like(att)
-    if att_mask is not None:
-        att_d_h = att_d.reshape(B * NH, T, T)
-        for_row_blocks(lambda r: np.multiply(att_h[r], mask_h[r], out=att_d_h[r]), att_h)
     dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                              # 3 x (B, NH, T, hs)
-    np.matmul(att_d.swapaxes(-1, -2), dy, out=dv)                           # y = att_d @ v
-    datt = dy @ v.swapaxes(-1, -2)                                          # (B, NH, T, T)
-    datt_h = datt.reshape(B * NH, T, T)
 
-    def rows(r):                                                            # r: a block of heads
-        d, a = datt_h[r], att_h[r]
+    def head(i):
+        b, h = divmod(i, NH)
+        a = att[b, h]
+        a_d = a if att_mask is None else a * att_mask[b, h]
+        np.matmul(a_d.T, dy[b, h], out=dv[b, h])                            # y = att_d @ v
+        datt = dy[b, h] @ v[b, h].T                                         # (T, T)
         if att_mask is not None:
-            d *= mask_h[r]
+            datt *= att_mask[b, h]
         # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
-        d -= np.sum(a * d, axis=-1, keepdims=True)
-        d *= a
-        d *= 1.0 / math.sqrt(hs)                                            # att_pre = q k^T / sqrt(hs)
-    for_row_blocks(rows, datt_h)
-    np.matmul(datt, k, out=dq)
-    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+        datt -= np.sum(a * datt, axis=-1, keepdims=True)
+        datt *= a
+        datt *= 1.0 / math.sqrt(hs)                                         # att_pre = q k^T / sqrt(hs)
+        np.matmul(datt, k[b, h], out=dq[b, h])
+        np.matmul(datt.T, q[b, h], out=dk[b, h])
+    parallel_map(head, range(B * NH))
     return dqkv.reshape(B, T, 3 * NH * hs)
 
 

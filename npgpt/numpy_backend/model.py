@@ -16,6 +16,7 @@ from ..sampling import KVCache
 from ..tokenizer import check_token_ids
 from . import layers as L
 from .generate import forward_cached, sampler
+from .threads import one_blas_thread
 
 
 def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -31,10 +32,11 @@ def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarr
 class NumpyGPT(Backend):
     """GPT-2 with a hand-written forward, backward and AdamW in NumPy.
 
-    Process-wide choices made when a model is built: freed memory is kept for reuse
+    Process-wide choices: freed memory is kept for reuse, from when a model is built
     (npgpt.memory.keep_freed_memory; a step reuses its activations' memory instead of faulting
-    it in again), and elementwise layers run on a thread pool of one thread per CPU
-    (threads.set_num_threads, or $NPGPT_NUM_THREADS; results do not depend on it).
+    it in again). The work runs on npgpt's thread pool, one thread per CPU (threads.py;
+    threads.set_num_threads or $NPGPT_NUM_THREADS; results do not depend on it), and while the
+    model computes, NumPy's BLAS runs one thread per call (threads.one_blas_thread).
     """
 
     backend = "numpy"
@@ -121,6 +123,7 @@ class NumpyGPT(Backend):
     def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch_size, capacity, lambda shape: np.zeros(shape, self.dtype))
 
+    @one_blas_thread()
     def next_logits(self, ids, cache: KVCache | None) -> np.ndarray:
         """ids (B, Tn) -> logits of the last position (B, V); with a cache, ids continue its positions."""
         return self.logits(ids)[:, -1] if cache is None else forward_cached(self, ids, cache)
@@ -144,6 +147,7 @@ class NumpyGPT(Backend):
             mask = L.dropout_mask(self.rng, shape, p, self.dtype)
         return mask if as_shape is None else mask.reshape(as_shape)
 
+    @one_blas_thread()      # the pool shares out products and elementwise work alike (threads.py)
     def forward(self, idx, targets=None, for_backward=True):
         """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches).
         for_backward=False (evaluation) keeps no layer's cache: each is freed as the next runs."""
@@ -193,6 +197,7 @@ class NumpyGPT(Backend):
     def head_weight(self):
         return self.p["wte"] if self.cfg.tie_weights else self.p["lm_head.weight"]
 
+    @one_blas_thread()
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; fills self.g with its gradients."""
         loss, (emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)

@@ -15,7 +15,9 @@ import numpy as np
 
 from ..params import check_params, decays
 from .model import flat_views
-from .threads import BLOCK_BYTES, parallel_map
+from .threads import parallel_map
+
+CHUNK_BYTES = 1 << 18  # per buffer: a chunk's five slices (p, g, m, v, scratch) stay in the L2 cache
 
 
 def adamw_update(p, g, m, v, tmp, lr, b1, b2, eps, t, decay_factor, decay_ranges):
@@ -69,7 +71,7 @@ class AdamW:
                 decayed.append((offset, offset + size))
             offset += size
         self._chunks = []
-        chunk = BLOCK_BYTES // self.exp_avg.itemsize        # the five slices of a chunk stay in L2
+        chunk = CHUNK_BYTES // self.exp_avg.itemsize
         first = 0                                           # the first range not before this chunk
         for start in range(0, offset, chunk):
             stop = min(start + chunk, offset)

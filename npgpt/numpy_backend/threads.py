@@ -1,20 +1,29 @@
-"""Blocks on a thread pool: how layers.py's elementwise math and AdamW use every core.
+"""npgpt's thread pool: how the NumPy backend uses every core, for matrix products and the rest.
 
 NumPy runs each elementwise operation (a ufunc) on one core, and a chain of them over a large
-array reads and writes it from main memory once per operation. BLAS already uses every core for
-the matrix products, but GELU, LayerNorm, softmax, cross-entropy and AdamW would run on one.
-for_row_blocks cuts an array's rows into blocks of about BLOCK_BYTES (small enough that all the
-passes over a block stay in the core's L2 cache) and hands the blocks to a pool of threads;
-NumPy releases the GIL inside its loops, so the threads run in parallel.
+array reads and writes it from main memory once per operation. for_row_blocks cuts an array's
+rows into blocks and hands them to a pool of threads; NumPy releases the GIL inside its loops, so
+the threads run in parallel, and the passes over a block of at most ~1 MiB mostly stay in the
+core's L2 cache instead of main memory. AdamW and the attention heads share out the same way.
 
-Determinism: a block is a fixed number of rows, computed from the row size alone, never from the
-number of threads, and results come back in block order. Row-wise math gives the same bits
-whatever the blocking; sums over rows (LayerNorm's dweight) are added per block and then over the
-blocks in order, so they too are the same for any number of threads. uniform_float32 draws exactly
-rng.random's numbers.
+Matrix products share the same pool. While the model computes (one_blas_thread), BLAS runs one
+thread per call and matmul cuts a large product into MATMUL_BLOCKS column (or row) blocks, one
+BLAS call each. Left to itself, OpenBLAS would split every product over its own threads, which
+then spin for a while after each call: on the 2 cores they compete with the pool's elementwise
+work, and on a machine busy with other work a product waits for its slowest, descheduled thread
+(a 124M step took 3 to 30 s here). One pool, whose threads sleep when idle and take the next
+block when done with one, degrades gracefully instead. Without threadpoolctl (which sets BLAS's
+thread count), the pool has one thread and BLAS keeps its own threads.
+
+Determinism: blocks depend on the arrays' shapes and dtypes alone, never on the number of
+threads, and results come back in block order. Row-wise math gives the same bits whatever the
+blocking; sums over rows (LayerNorm's dweight) are added per block and then over the blocks in
+order; each output of a product comes from one single-threaded BLAS call; uniform_float32 draws
+exactly rng.random's numbers. So a step gives the same bits for any number of threads.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -22,12 +31,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-BLOCK_BYTES = 1 << 18        # per array and block: the ~8 arrays a kernel touches fit a 2 MiB L2
+BLOCK_BYTES = 1 << 20        # a row block is at most about this big (in the array being cut) ...
+MIN_BLOCK_BYTES = 1 << 17    # ... and at least this, so that Python's ~1 us a NumPy call is small
+SHARE_BLOCKS = 8             # ... and an array under 8 MiB still makes up to 8 blocks to share out
+MATMUL_BLOCKS = 4            # blocks of a large product: enough to balance 2-4 cores, few enough
+                             # that re-packing the operand every block reads costs ~1%
+MATMUL_MIN_MACS = 1 << 20    # products smaller than this (multiply-adds) run as one call
 RANDOM_BLOCK = 1 << 18       # numbers per block of uniform_float32 (even: see there)
 
-_num_threads = int(os.environ.get("NPGPT_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:          # then BLAS keeps its own threads, and the pool has one
+    ThreadpoolController = None
+
+_num_threads = int(os.environ.get("NPGPT_NUM_THREADS", 0)) or \
+    (len(os.sched_getaffinity(0)) if ThreadpoolController is not None else 1)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_blas = None                 # the ThreadpoolController, made on first use
+_blas_depth = 0
 
 
 def num_threads() -> int:
@@ -35,8 +57,8 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for the elementwise work (default: the CPUs this process may use, or
-    $NPGPT_NUM_THREADS). Results do not depend on it."""
+    """Threads of the pool (default: the CPUs this process may use, or $NPGPT_NUM_THREADS).
+    Results do not depend on it."""
     global _num_threads, _pool
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of threads must be a positive integer, got {n!r}")
@@ -53,6 +75,28 @@ def _get_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix="npgpt")
         return _pool
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """BLAS runs one thread per call inside (restored after; nesting is free): the pool shares
+    out the work instead. Without threadpoolctl, nothing changes."""
+    global _blas, _blas_depth
+    if ThreadpoolController is None or _blas_depth:
+        _blas_depth += 1
+        try:
+            yield
+        finally:
+            _blas_depth -= 1
+        return
+    if _blas is None:
+        _blas = ThreadpoolController()
+    _blas_depth += 1
+    try:
+        with _blas.limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        _blas_depth -= 1
 
 
 def parallel_map(fn, items) -> list:
@@ -75,17 +119,41 @@ def parallel_map(fn, items) -> list:
         work()
     finally:
         for helper in helpers:
-            helper.result()
+            if not helper.cancel():         # a helper that has not started yet is not waited for
+                helper.result()
     return results
 
 
-def for_row_blocks(fn, x, block_bytes: int = BLOCK_BYTES) -> list:
-    """fn(rows) for consecutive slices `rows` of x's first axis, about block_bytes of x each, on
-    the pool; returns fn's results in block order. fn writes its outputs into arrays it shares
-    with the caller, each block into its own rows, so blocks may run in any order."""
-    n = len(x)
-    step = max(1, block_bytes * n // max(1, x.nbytes)) if n else 1
-    return parallel_map(fn, [slice(i, min(i + step, n)) for i in range(0, n, step)])
+def row_blocks(x) -> list[slice]:
+    """Consecutive slices of x's first axis: their number depends on x's shape and dtype alone."""
+    n, nbytes = len(x), x.nbytes
+    blocks = max(-(-nbytes // BLOCK_BYTES), min(SHARE_BLOCKS, nbytes // MIN_BLOCK_BYTES), 1)
+    step = max(1, -(-n // blocks))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def for_row_blocks(fn, x) -> list:
+    """fn(rows) for the slices `rows` of row_blocks(x), on the pool; returns fn's results in block
+    order. fn writes its outputs into arrays it shares with the caller, each block into its own
+    rows, so blocks may run in any order."""
+    return parallel_map(fn, row_blocks(x))
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D a (M, K) and b (K, N), into out (M, N) when given: a large product is cut
+    into MATMUL_BLOCKS blocks of the output's longer side, one BLAS call each, on the pool."""
+    (M, K), N = a.shape, b.shape[1]
+    if out is None:
+        out = np.empty((M, N), np.result_type(a, b))
+    if M * K * N < MATMUL_MIN_MACS:
+        return np.matmul(a, b, out=out)
+    if N >= M:       # column blocks: each call reads all of a and a slice of b
+        step = -(-N // MATMUL_BLOCKS)
+        parallel_map(lambda j: np.matmul(a, b[:, j:j + step], out=out[:, j:j + step]), range(0, N, step))
+    else:            # row blocks: each call reads a slice of a and all of b
+        step = -(-M // MATMUL_BLOCKS)
+        parallel_map(lambda i: np.matmul(a[i:i + step], b, out=out[i:i + step]), range(0, M, step))
+    return out
 
 
 def uniform_float32(rng: np.random.Generator, shape) -> np.ndarray:

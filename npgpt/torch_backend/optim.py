@@ -31,6 +31,24 @@ def make_adamw(model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, d
     return TorchAdamW(model, lr, weight_decay, betas, eps, decay_all)
 
 
+class _GroupSetting:
+    """A hyperparameter of torch's optimizer as an attribute: read from its first parameter group,
+    set (through cast) on every group."""
+
+    def __init__(self, cast):
+        self.cast = cast
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.opt.param_groups[0][self.name]
+
+    def __set__(self, obj, value) -> None:
+        for group in obj.opt.param_groups:
+            group[self.name] = self.cast(value)
+
+
 class TorchAdamW:
     """torch.optim.AdamW with settable hyperparameters (.lr, .betas, .eps, .weight_decay) that
     apply to every parameter group, and NumPy-format state()/load_state()."""
@@ -70,33 +88,9 @@ class TorchAdamW:
 
     # ---- hyperparameters, set on every group ----
 
-    def _set(self, key, value) -> None:
-        for group in self.opt.param_groups:
-            group[key] = value
-
-    @property
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._set("lr", float(value))
-
-    @property
-    def betas(self) -> tuple[float, float]:
-        return self.opt.param_groups[0]["betas"]
-
-    @betas.setter
-    def betas(self, value) -> None:
-        self._set("betas", tuple(float(b) for b in value))
-
-    @property
-    def eps(self) -> float:
-        return self.opt.param_groups[0]["eps"]
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self._set("eps", float(value))
+    lr = _GroupSetting(float)
+    betas = _GroupSetting(lambda value: tuple(float(b) for b in value))
+    eps = _GroupSetting(float)
 
     @property
     def weight_decay(self) -> float:

@@ -86,8 +86,11 @@ class _Stepper:
         self.pending, self.window_tokens, self.postfix = [], 0, {}
         self.restart_clock()
 
-    def restart_clock(self) -> None:
-        """Time from here on counts as step time (called after evaluations, samples and saves)."""
+    def restart_clock(self, callback=None) -> None:
+        """Call callback(state) if given (checkpoints), then count time from here on as step time:
+        called after the evaluations, samples and saves that follow a flush."""
+        if callback is not None:
+            callback(self.state)
         self.window_start = time.perf_counter()
 
     def __call__(self, inputs, targets, where: str, **postfix) -> None:
@@ -181,14 +184,10 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                 step_once.flush()
                 if evaluate:
                     step_once.record(f"Ep {epoch + 1}", *evaluate_model(model, train_loader, val_loader, eval_iter))
-                if on_step is not None:
-                    on_step(state)
-                step_once.restart_clock()
+                step_once.restart_clock(on_step)
             generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
             state.epoch = epoch + 1
-            if on_epoch_end is not None:
-                on_epoch_end(state)
-            step_once.restart_clock()
+            step_once.restart_clock(on_epoch_end)
     finally:
         step_once.bar.close()
     return state.train_losses, state.val_losses, state.track_tokens_seen
@@ -223,9 +222,7 @@ def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_ev
                 generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
                 model.train()
                 recent = []
-            if on_step is not None:
-                on_step(state)
-            step_once.restart_clock()
+            step_once.restart_clock(on_step)
     finally:
         step_once.bar.close()
     return state.train_losses, state.val_losses, state.track_tokens_seen

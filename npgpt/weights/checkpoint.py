@@ -21,7 +21,6 @@ file is a ValueError (CheckpointError) that names it; a missing file a FileNotFo
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
