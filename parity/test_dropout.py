@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import npgpt
-from npgpt.torch_backend.model import CausalSelfAttention, Dropout
+from npgpt.torch_backend.gpt import CausalSelfAttention, Dropout
 
 from .helpers import assert_close, build_pair, perturb, random_batch
 
