@@ -162,13 +162,14 @@ def test_a_signal_saves_the_step_reached_and_resume_continues(tmp_path, text, si
 
 def test_the_first_signal_sets_a_flag_the_second_interrupts():
     before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)          # a background job inherits SIG_IGN
     with _StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             sum(range(10))                                            # the handler runs between bytecodes
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)                     # nohup: an ignored signal stays ignored
     try:
         with _StopOnSignal():
