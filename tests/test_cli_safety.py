@@ -19,10 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory, verdict_text):
-    path = tmp_path_factory.mktemp("data") / "short.txt"
-    path.write_text(verdict_text[:1200], encoding="utf-8")
-    return path
+def text(verdict_start):
+    return verdict_start(1200)
 
 
 def train_args(text, out, *extra):

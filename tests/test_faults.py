@@ -39,10 +39,8 @@ CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1",
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory, verdict_text):
-    path = tmp_path_factory.mktemp("data") / "verdict-2000.txt"
-    path.write_text(verdict_text[:2000], encoding="utf-8")
-    return path
+def text(verdict_start):
+    return verdict_start(2000)
 
 
 def train_args(data, out, *extra):

@@ -12,24 +12,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npgpt
+from npgpt.gradcheck import numeric_grad  # fourth-order central differences
 from npgpt.numpy_backend import layers as L
 
 EPS = 1e-4
 MAX_REL_ERR = 1e-6
 NOISE = 1e-10
-
-
-def numeric_grad(f, x, index, eps=EPS):
-    """Fourth-order central difference of the scalar f() with respect to x[index]
-    (truncation error O(eps^4), so rounding noise stays near 1e-12; x is restored)."""
-    old = x[index]
-    values = []
-    for step in (2, 1, -1, -2):
-        x[index] = old + step * eps
-        values.append(f())
-    x[index] = old
-    f2, f1, fm1, fm2 = values
-    return (-f2 + 8 * f1 - 8 * fm1 + fm2) / (12 * eps)
 
 
 def check(name, f, x, analytic, rng, samples=12):
@@ -38,7 +26,7 @@ def check(name, f, x, analytic, rng, samples=12):
     picked = np.union1d(largest, rng.choice(x.size, min(samples, x.size), replace=False))
     worst = 0.0
     for index in (np.unravel_index(i, x.shape) for i in picked):
-        num, ana = numeric_grad(f, x, index), analytic[index]
+        num, ana = numeric_grad(f, x, index, EPS), analytic[index]
         err = abs(ana - num)
         assert err <= MAX_REL_ERR * max(abs(ana), abs(num)) + NOISE, \
             f"{name}{list(map(int, index))}: analytic {ana:.12e}, numeric {num:.12e}"
@@ -125,9 +113,9 @@ def test_embedding(rng):
     L.embedding_backward(R, cache, dwte, dwpe)
     f = lambda: float(np.sum(L.embedding_forward(idx, wte, wpe)[0] * R))
     for index in [(1, 0), (1, 3), (9, 2), (5, 1)]:
-        assert dwte[index] == pytest.approx(numeric_grad(f, wte, index), rel=1e-8, abs=1e-10)
+        assert dwte[index] == pytest.approx(numeric_grad(f, wte, index, EPS), rel=1e-8, abs=1e-10)
     for index in [(0, 0), (2, 3), (7, 1)]:
-        assert dwpe[index] == pytest.approx(numeric_grad(f, wpe, index), rel=1e-8, abs=1e-10)
+        assert dwpe[index] == pytest.approx(numeric_grad(f, wpe, index, EPS), rel=1e-8, abs=1e-10)
 
 
 configs = st.builds(
