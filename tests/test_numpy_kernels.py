@@ -23,10 +23,9 @@ THREADS = [1, 2, 3]
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 48 bytes to 1 KiB, and every product cut in column or row blocks: a (13, 7)
-    float32 array is already cut into 7 blocks."""
-    monkeypatch.setattr(threads, "BLOCK_BYTES", 1024)
-    monkeypatch.setattr(threads, "MIN_BLOCK_BYTES", 48)
+    """Blocks of 48 bytes, and every product cut in column or row blocks: a (13, 7) float32
+    array is already cut into 7 blocks."""
+    monkeypatch.setattr(threads, "BLOCK_BYTES", 48)
     monkeypatch.setattr(threads, "MATMUL_MIN_MACS", 1)
     monkeypatch.setattr(threads, "RANDOM_BLOCK", 64)
     monkeypatch.setattr(optim, "CHUNK_BYTES", 256)
@@ -121,6 +120,20 @@ def ref_cross_entropy(logits, targets):
 
 
 # ---- the kernels against them ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear(dtype, n_threads):
+    rng = np.random.default_rng(6)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((13, 5), (11, 5), (11,)))
+    dout = rng.standard_normal((13, 11)).astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
+    out, cache = L.linear_forward(x, w, b)
+    np.testing.assert_allclose(out, x @ w.T + b, **tol)
+    dw, db = np.empty_like(w), np.empty_like(b)
+    np.testing.assert_allclose(L.linear_backward(dout, cache, dw, db), dout @ w, **tol)
+    np.testing.assert_allclose(dw, dout.T @ x, **tol)
+    np.testing.assert_allclose(db, dout.sum(axis=0), **tol)
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layernorm(dtype, n_threads):

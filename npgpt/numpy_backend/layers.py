@@ -81,7 +81,7 @@ def linear_forward(x, w, b=None):
     """x (N, Cin), w (Cout, Cin), b (Cout,) -> (N, Cout)"""
     out = matmul(x, w.T)
     if b is not None:
-        out += b
+        for_row_blocks(lambda r: np.add(out[r], b, out=out[r]), out)
     return out, (x, w)
 
 
@@ -89,8 +89,8 @@ def linear_backward(dout, cache, dw, db=None):
     """dout (N, Cout) -> dx (N, Cin); writes dw (Cout, Cin) and db (Cout,)"""
     x, w = cache
     matmul(dout.T, x, out=dw)                         # (Cout, N) @ (N, Cin)
-    if db is not None:
-        np.sum(dout, axis=0, out=db)
+    if db is not None:                                # summed per block of rows, then over blocks
+        np.sum(for_row_blocks(lambda r: np.sum(dout[r], axis=0), dout), axis=0, out=db)
     return matmul(dout, w)                            # (N, Cout) @ (Cout, Cin)
 
 

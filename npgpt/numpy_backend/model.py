@@ -125,8 +125,12 @@ class NumpyGPT(Backend):
 
     @one_blas_thread()
     def next_logits(self, ids, cache: KVCache | None) -> np.ndarray:
-        """ids (B, Tn) -> logits of the last position (B, V); with a cache, ids continue its positions."""
-        return self.logits(ids)[:, -1] if cache is None else forward_cached(self, ids, cache)
+        """ids (B, Tn) -> logits of the last position (B, V); with a cache, ids continue its positions.
+        Without one, the window runs through a cache of its own, so that only its last position
+        goes through the head (as the torch backend's last=True)."""
+        if cache is None:
+            cache = self.new_kv_cache(ids.shape[0], ids.shape[1])
+        return forward_cached(self, ids, cache)
 
     def sampler(self, seed):
         return sampler(seed)

@@ -31,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-BLOCK_BYTES = 1 << 20        # a row block is at most about this big (in the array being cut) ...
-MIN_BLOCK_BYTES = 1 << 17    # ... and at least this, so that Python's ~1 us a NumPy call is small
-SHARE_BLOCKS = 8             # ... and an array under 8 MiB still makes up to 8 blocks to share out
+BLOCK_BYTES = 1 << 20        # row blocks of about this much of the array being cut: small enough
+                             # for L2, large enough that Python's ~1 us a NumPy call is small
 MATMUL_BLOCKS = 4            # blocks of a large product: enough to balance 2-4 cores, few enough
                              # that re-packing the operand every block reads costs ~1%
 MATMUL_MIN_MACS = 1 << 20    # products smaller than this (multiply-adds) run as one call
@@ -126,8 +125,7 @@ def parallel_map(fn, items) -> list:
 
 def row_blocks(x) -> list[slice]:
     """Consecutive slices of x's first axis: their number depends on x's shape and dtype alone."""
-    n, nbytes = len(x), x.nbytes
-    blocks = max(-(-nbytes // BLOCK_BYTES), min(SHARE_BLOCKS, nbytes // MIN_BLOCK_BYTES), 1)
+    n, blocks = len(x), max(1, -(-x.nbytes // BLOCK_BYTES))
     step = max(1, -(-n // blocks))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
 
