@@ -4,9 +4,10 @@ Why. A training step allocates and frees the same few hundred MB of activations 
 default glibc's malloc gives each block above its mmap threshold (128 KiB, rising with use to at
 most 32 MiB) its own mapping and hands it back to the kernel when it is freed, and trims the top
 of the heap once 128 KiB there are free. The next step then pays a page fault, and the kernel's
-zeroing, for every 4 KiB page it touches again: measured on the 124M model at B=2, T=256 on this
-project's 2-core machine, about 250,000 faults a step in torch (2.4 s a step instead of 1.7 s)
-and 140,000 in NumPy (11% of its step). Raising the mmap threshold to 1 GiB and the trim
+zeroing, for every 4 KiB page it touches again. Measured with benchmarks/bench_backends.py on the
+124M model at B=2, T=256, 2 cores: the book's torch model paid 405,440 faults a step (4.52 s a
+step) and 14,996 with this setting (3.87 s; 2026-12-02, AMD EPYC); npgpt's torch backend paid
+about 250,000 without it (2.4 s instead of 1.7 s; 2026-12-01, an Intel CPU). Raising the mmap threshold to 1 GiB and the trim
 threshold to 2 GiB keeps freed blocks in the heap, where the next step finds them; on the GPU,
 PyTorch's caching allocator does the same by design.
 

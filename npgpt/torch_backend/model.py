@@ -38,7 +38,7 @@ class TorchGPT(Backend):
     CPU (fast where the CPU has AVX512-BF16 or AMX; parameters, gradients and AdamW stay float32).
     A process-wide choice made when a model is built: freed memory is kept for reuse
     (npgpt.memory.keep_freed_memory), the same setting the NumPy backend makes; on the CPU, torch's
-    allocator is glibc's malloc, and without it a 124M step pays ~250,000 page faults.
+    allocator is glibc's malloc, and without it a 124M step pays 250,000 to 400,000 page faults.
     """
 
     backend = "torch"
