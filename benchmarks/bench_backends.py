@@ -16,14 +16,15 @@ Both npgpt backends keep freed memory, by their own process-wide choice (npgpt/m
 
 Method: rounds alternate the variants (numpy, torch, ..., numpy, torch, ...), each variant of each
 round in a fresh process; in it a warm-up (WARMUP_STEPS train steps, one call of the rest), then
---repeats timed runs of each measurement; min and median over all rounds are reported. Measured: the train step (forward + backward + AdamW) at B=2,
-T=256 (the context length when shorter), the eval forward, greedy generation (batch 1, 4-token
-prompt, 100 new tokens) with the KV cache and, in round 1, without, page faults per step, and peak
-RSS. Each process also measures its library's float32 matmul peak (2048^3 products) and the read
-bandwidth of a float32 matrix-vector product over 256 MiB, the two limits: a step's GFLOP/s against
-the first, generation's weight bytes per token / seconds per token against the second (the best
-of any process: one limit of the machine for every variant). The NumPy
-process of round 1 adds a profile of its step per layer type (benchmarks/profile_numpy.py).
+--repeats timed runs of each measurement; min and median over all rounds are reported.
+Measured: the train step (forward + backward + AdamW) at B=2, T=256 (the context length when
+shorter), the eval forward, greedy generation (batch 1, 4-token prompt, 100 new tokens) with the KV
+cache and, in round 1, without, page faults per step, and peak RSS. Each process also measures its
+library's float32 matmul peak (2048^3 products) and the read bandwidth of a float32 matrix-vector
+product over 256 MiB, the two limits: a step's GFLOP/s against the first, generation's weight
+bytes per token / seconds per token against the second (the best of any process: one limit of the
+machine for every variant). The NumPy process of round 1 adds a profile of its step per layer type
+(benchmarks/profile_numpy.py).
 "other load" is the CPU time used by other processes on the machine while a variant ran, in cores.
 
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE work around old OpenBLAS builds and slow down current
@@ -424,8 +425,8 @@ def main():
             "machine": platform.platform(), "python": platform.python_version(), "numpy": numpy.__version__,
             "torch": torch_version,
             "method": f"Each variant in its own process, {args.rounds} rounds alternating the variants, "
-                      f"{args.repeats} timed repeats after a warm-up ({WARMUP_STEPS} train steps) in each: min and median of "
-                      f"{args.rounds * args.repeats} samples.",
+                      f"{args.repeats} timed repeats after a warm-up ({WARMUP_STEPS} train steps) in each: "
+                      f"min and median of {args.rounds * args.repeats} samples.",
             "conditions": openblas + "; MALLOC_* environment: " +
                           (", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "none") +
                           f"; the run took {(time.perf_counter() - started) / 60:.1f} min."}

@@ -7,9 +7,9 @@ of the heap once 128 KiB there are free. The next step then pays a page fault, a
 zeroing, for every 4 KiB page it touches again. Measured with benchmarks/bench_backends.py on the
 124M model at B=2, T=256, 2 cores: the book's torch model paid 405,440 faults a step (4.52 s a
 step) and 14,996 with this setting (3.87 s; 2026-12-02, AMD EPYC); npgpt's torch backend paid
-about 250,000 without it (2.4 s instead of 1.7 s; 2026-12-01, an Intel CPU). Raising the mmap threshold to 1 GiB and the trim
-threshold to 2 GiB keeps freed blocks in the heap, where the next step finds them; on the GPU,
-PyTorch's caching allocator does the same by design.
+about 250,000 without it (2.4 s instead of 1.7 s; 2026-12-01, an Intel CPU). Raising the mmap
+threshold to 1 GiB and the trim threshold to 2 GiB keeps freed blocks in the heap, where the next
+step finds them; on the GPU, PyTorch's caching allocator does the same by design.
 
 A process-wide choice. mallopt changes malloc for every library in the process (NumPy, torch,
 everything else), exactly as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647
