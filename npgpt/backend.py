@@ -11,18 +11,24 @@ BACKENDS = ("numpy", "torch")
 
 
 def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: str = "float32",
-                device: str | None = None, params: dict | None = None, **torch_options):
+                device: str | None = None, params: dict | None = None, kernels: str = "fast", **torch_options):
     """A GPT-2 model initialised from the seed (or from params, a dict of NumPy arrays).
+
+    kernels (numpy backend): "fast" (numpy_backend/layers.py) or "reference" (reference.py, the
+    textbook form: forward, backward, clipping and AdamW all run on it).
 
     torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" (CUDA or CPU),
     grad_accum=k to run each batch as k micro-batches.
     """
     check_build_args(cfg, backend, dtype, device, torch_options)
+    if kernels != "fast" and backend != "numpy":
+        raise ValueError(f"kernels={kernels!r} needs backend='numpy' (the torch backend's gradients are "
+                         "autograd's)")
     if params is None:
         params = init_params(cfg, seed, dtype)
     if backend == "numpy":
         from .numpy_backend import NumpyGPT
-        return NumpyGPT(cfg, params, dtype=dtype, seed=seed)
+        return NumpyGPT(cfg, params, dtype=dtype, seed=seed, kernels=kernels)
     from .torch_backend import TorchGPT
     return TorchGPT(cfg, params, dtype=dtype, seed=seed, device=device, **torch_options)
 

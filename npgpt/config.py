@@ -1,9 +1,12 @@
-"""GPTConfig: the model's hyperparameters, with the presets of the book and of GPT-2."""
+"""GPTConfig: the model's hyperparameters, with the presets of the book and of GPT-2; check_token_ids: ids the
+model can take (in its vocabulary, within its context)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,20 @@ PRESETS = {
     "tiny": GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0),  # tests
 }
 
+
+def check_token_ids(ids, vocab_size, what="token ids", context_length=None) -> np.ndarray:
+    """ids as an int64 (B, T) array, every id in [0, vocab_size) and T <= context_length if given."""
+    arr = np.asarray(ids)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size})")
+    if context_length is not None and arr.shape[1] > context_length:
+        raise ValueError(f"{what}: a sequence of {arr.shape[1]} tokens is longer than context_length "
+                         f"{context_length}")
+    return arr.astype(np.int64, copy=False)

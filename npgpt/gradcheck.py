@@ -1,6 +1,7 @@
 """`npgpt gradcheck`: every hand-written gradient of the NumPy backend against finite differences.
 
-Run it after you change the math in numpy_backend/layers.py. It builds a small float64 model with
+Run it after you change the math in numpy_backend/reference.py (--kernels reference) or
+layers.py (the default, --kernels fast). It builds a small float64 model with
 dropout, takes one batch's gradients from the hand-written backward, and compares each parameter
 tensor with fourth-order central differences of the loss on a few of its entries (always the
 largest), and with PyTorch autograd on every entry when torch is installed. One row per tensor,
@@ -95,13 +96,15 @@ def torch_grads(cfg, params, masks, x, y):
 
 
 def gradcheck(preset: str = "tiny", seed: int = 123, print_fn=print, *, batch_size: int = BATCH,
-              seq_len: int = SEQ_LEN, compare_torch: bool = True, **overrides) -> list[str]:
+              seq_len: int = SEQ_LEN, compare_torch: bool = True, kernels: str = "fast",
+              **overrides) -> list[str]:
     """Check every parameter's gradient of one batch's loss; prints a table and a verdict line and
     returns the names of the failing parameters (empty when all pass).
 
     overrides replace fields of the preset (drop_rate is DROP_RATE unless given; a small
     vocab_size makes every loss far cheaper). compare_torch=False skips torch even when it is
-    installed (the column then shows "-").
+    installed (the column then shows "-"). kernels: the NumPy model's layers, "fast" (layers.py)
+    or "reference" (reference.py).
     """
     overrides = {"drop_rate": DROP_RATE, **overrides}
     cfg = GPTConfig.preset(preset, **overrides)
@@ -116,13 +119,13 @@ def gradcheck(preset: str = "tiny", seed: int = 123, print_fn=print, *, batch_si
     y = rng.integers(0, cfg.vocab_size, (batch_size, T))                   # (B, T)
     masks = fixed_dropout_masks(seed, cfg.drop_rate)
 
-    model = NumpyGPT(cfg, params, dtype="float64", seed=seed)
+    model = NumpyGPT(cfg, params, dtype="float64", seed=seed, kernels=kernels)
     model.dropout_masks = masks
     loss, grads = model.loss_and_grads(x, y)
     reference = torch_grads(cfg, params, masks, x, y) if compare_torch else None
 
     changed = ", ".join(f"{k}={v}" for k, v in overrides.items())
-    print_fn(f"gradcheck: preset {preset} ({changed}, fixed dropout masks), float64, "
+    print_fn(f"gradcheck: {kernels} kernels, preset {preset} ({changed}, fixed dropout masks), float64, "
              f"batch {batch_size} x {T} tokens, loss {loss:.6f}")
     print_fn("pass: |analytic - reference| <= atol + rtol * |reference|; the columns show the largest "
              "|analytic - reference| / (atol / rtol + |reference|), which fails above rtol")
@@ -160,8 +163,10 @@ def add_arguments(parser) -> None:
                         help="model size (default: tiny; larger presets take far longer)")
     parser.add_argument("--seed", type=int, default=123, help="parameters, batch and dropout masks "
                                                               "(default: 123)")
+    parser.add_argument("--kernels", choices=("fast", "reference"), default="fast",
+                        help="the layers to check: fast (layers.py, the default) or reference (reference.py)")
 
 
 def run(args) -> int:
     """`npgpt gradcheck`: exit code 0 when every gradient passes, 1 when any fails."""
-    return 1 if gradcheck(args.preset, args.seed) else 0
+    return 1 if gradcheck(args.preset, args.seed, kernels=args.kernels) else 0

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import check_token_ids
+
 if TYPE_CHECKING:
     import tiktoken
 
@@ -47,7 +49,7 @@ def get_tokenizer() -> tiktoken.Encoding:
 
 def _gpt2_encoding(name: str, ranks: dict[bytes, int], specials: dict[str, int], **kwargs) -> tiktoken.Encoding:
     """A tiktoken Encoding with GPT-2's split pattern. tiktoken is imported here,
-    not at the top, so that the model code importing check_token_ids stays NumPy-only."""
+    not at the top, so that importing this module stays cheap."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str        # GPT-2's pre-tokenisation regex
     return tiktoken.Encoding(name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
@@ -140,21 +142,3 @@ def token_ids_to_text(ids, tokenizer: tiktoken.Encoding | None = None) -> str:
     if ids.ndim != 1:
         raise ValueError(f"token_ids_to_text expects shape (T,) or (1, T), got {ids.shape}")
     return tokenizer.decode(ids.tolist())
-
-
-def check_token_ids(ids, vocab_size, what="token ids", context_length=None) -> np.ndarray:
-    """ids as an int64 (B, T) array, every id in [0, vocab_size) and T <= context_length if given."""
-    arr = np.asarray(ids)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
-        raise ValueError(f"{what}: token id {bad} is out of range [0, {vocab_size})")
-    if context_length is not None and arr.shape[1] > context_length:
-        raise ValueError(f"{what}: a sequence of {arr.shape[1]} tokens is longer than context_length "
-                         f"{context_length}")
-    return arr.astype(np.int64, copy=False)

@@ -1,24 +1,34 @@
-"""The blocked, threaded kernels of the NumPy backend against the plain NumPy expressions they
-replace, and their determinism: the same bits for any number of threads.
+"""The fast kernels of the NumPy backend (layers.py) against their reference twins (reference.py),
+and their determinism: the same bits for any number of threads.
 
 layers.py runs its elementwise math on blocks of rows on a thread pool (threads.py). Each kernel
-is compared here with the whole-array expression it replaced (the reference functions below), in
-float64 and float32, on odd shapes; the block sizes are shrunk so that even these small arrays are
-cut into many blocks, with row counts that divide neither by the block count nor by the number
-of threads. Row-wise math must give the same bits as the reference; sums over rows (LayerNorm's
-dweight, dbias) are summed per block and may differ in the last bits only.
+is compared here with its twin in reference.py, the whole-array textbook form, in float64 and
+float32, on odd shapes; the block sizes are shrunk so that even these small arrays are cut into
+many blocks, with row counts that divide neither by the block count nor by the number of threads.
+Row-wise math must give the same bits as the reference. Where the fast form adds in another order
+the tolerance is derived from the dtype: sums over rows (LayerNorm's dweight, a bias gradient) are
+summed per block, then over blocks, and a product cut into blocks is summed by BLAS per block; the
+error of a sum of n terms is within n * eps * sum(|terms|), checked below with n the row count.
 """
-import math
-
 import numpy as np
 import pytest
 
 import npgpt
 from npgpt.numpy_backend import layers as L
 from npgpt.numpy_backend import optim, threads
+from npgpt.numpy_backend import reference as R
 
 DTYPES = [np.float64, np.float32]
 THREADS = [1, 2, 3]
+
+
+def assert_sum_close(actual, expected, terms, n):
+    """actual and expected are sums of the same n terms added in other orders: each entry within
+    2 n eps * sum(|terms|), the bound on the rounding of a sum of n numbers (twice: one each)."""
+    eps = np.finfo(actual.dtype).eps
+    bound = 2 * n * eps * terms
+    assert np.all(np.abs(actual.astype(np.float64) - expected) <= bound), \
+        f"max difference {np.max(np.abs(actual - expected)):.3g}, bound {np.min(bound):.3g}"
 
 
 @pytest.fixture(autouse=True)
@@ -40,85 +50,6 @@ def n_threads(request):
     return request.param
 
 
-# ---- the whole-array expressions the kernels replaced ------------------------------------------
-
-def ref_layernorm_forward(x, w, b):
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = np.mean(xhat * xhat, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + L.LN_EPS)
-    xhat *= rstd
-    return xhat * w + b, (xhat, rstd, w)
-
-
-def ref_layernorm_backward(dout, cache):
-    xhat, rstd, w = cache
-    dxhat = dout * w
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
-    return dx * rstd, np.sum(dout * xhat, axis=0), np.sum(dout, axis=0)
-
-
-def ref_gelu_forward(x):
-    t = np.tanh(L.GELU_K * (x + 0.044715 * x * x * x))
-    out = 1.0 + t
-    out *= x
-    out *= 0.5
-    return out, t
-
-
-def ref_gelu_backward(dout, x, t):
-    dinner = L.GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    dx = 1.0 - t * t
-    dx *= x
-    dx *= dinner
-    dx += 1.0 + t
-    dx *= 0.5
-    return dx * dout
-
-
-def ref_attention(qkv, n_heads, att_mask, dy):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_heads
-    q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)
-    att = q @ k.swapaxes(-1, -2)
-    att *= 1.0 / math.sqrt(hs)
-    att += L.causal_bias(T, att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    att_d = att if att_mask is None else att * att_mask
-    y = (att_d @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-    dy = dy.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)
-    dqkv = np.empty((B, T, 3, n_heads, hs), dtype=dy.dtype)
-    heads = dqkv.transpose(2, 0, 3, 1, 4)
-    heads[2] = att_d.swapaxes(-1, -2) @ dy
-    datt = dy @ v.swapaxes(-1, -2)
-    if att_mask is not None:
-        datt *= att_mask
-    datt -= np.sum(att * datt, axis=-1, keepdims=True)
-    datt *= att
-    datt *= 1.0 / math.sqrt(hs)
-    heads[0] = datt @ k
-    heads[1] = datt.swapaxes(-1, -2) @ q
-    return y, att, dqkv.reshape(B, T, C3)
-
-
-def ref_cross_entropy(logits, targets):
-    N = len(logits)
-    z = logits - logits.max(axis=-1, keepdims=True)
-    target_logit = z[np.arange(N), targets]
-    probs = np.exp(z)
-    total = probs.sum(axis=-1)
-    loss = float(np.mean(np.log(total) - target_logit, dtype=np.float64))
-    probs /= total[:, None]
-    dlogits = probs.copy()
-    dlogits[np.arange(N), targets] -= 1.0
-    dlogits *= 1.0 / N
-    return loss, probs, dlogits
-
-
 # ---- the kernels against them ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,13 +57,15 @@ def test_linear(dtype, n_threads):
     rng = np.random.default_rng(6)
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((13, 5), (11, 5), (11,)))
     dout = rng.standard_normal((13, 11)).astype(dtype)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
     out, cache = L.linear_forward(x, w, b)
-    np.testing.assert_allclose(out, x @ w.T + b, **tol)
+    ref_out, ref_cache = R.linear_forward(x, w, b)
+    assert_sum_close(out, ref_out, np.abs(x) @ np.abs(w).T + np.abs(b), x.shape[1] + 1)
     dw, db = np.empty_like(w), np.empty_like(b)
-    np.testing.assert_allclose(L.linear_backward(dout, cache, dw, db), dout @ w, **tol)
-    np.testing.assert_allclose(dw, dout.T @ x, **tol)
-    np.testing.assert_allclose(db, dout.sum(axis=0), **tol)
+    dx = L.linear_backward(dout, cache, dw, db)
+    ref_dx, ref_dw, ref_db = R.linear_backward(dout, ref_cache)
+    assert_sum_close(dx, ref_dx, np.abs(dout) @ np.abs(w), w.shape[0])
+    assert_sum_close(dw, ref_dw, np.abs(dout).T @ np.abs(x), len(x))
+    assert_sum_close(db, ref_db, np.abs(dout).sum(axis=0), len(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,17 +76,17 @@ def test_layernorm(dtype, n_threads):
         rng.standard_normal((13, 7)).astype(dtype)
     assert len(threads.row_blocks(x)) > n_threads
     out, cache = L.layernorm_forward(x, w, b)
-    ref_out, ref_cache = ref_layernorm_forward(x, w, b)
+    ref_out, ref_cache = R.layernorm_forward(x, w, b)
     np.testing.assert_array_equal(out, ref_out)
     for a, r in zip(cache, ref_cache):
         np.testing.assert_array_equal(a, r)
     dw, db = np.empty_like(w), np.empty_like(b)
     dx = L.layernorm_backward(dout, cache, dw, db)
-    ref_dx, ref_dw, ref_db = ref_layernorm_backward(dout, ref_cache)
+    ref_dx, ref_dw, ref_db = R.layernorm_backward(dout, ref_cache)
     np.testing.assert_array_equal(dx, ref_dx)
-    rtol = 1e-14 if dtype == np.float64 else 1e-6        # summed per block, then over the blocks
-    np.testing.assert_allclose(dw, ref_dw, rtol=rtol, atol=rtol * np.abs(ref_dw).max())
-    np.testing.assert_allclose(db, ref_db, rtol=rtol, atol=rtol * np.abs(ref_db).max())
+    xhat = ref_cache[0]                                  # summed per block, then over the blocks
+    assert_sum_close(dw, ref_dw, np.abs(dout * xhat).sum(axis=0), len(x))
+    assert_sum_close(db, ref_db, np.abs(dout).sum(axis=0), len(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,10 +94,10 @@ def test_gelu(dtype, n_threads):
     rng = np.random.default_rng(1)
     x, dout = (rng.standard_normal((11, 9)) * 2).astype(dtype), rng.standard_normal((11, 9)).astype(dtype)
     out, (x_cached, t) = L.gelu_forward(x)
-    ref_out, ref_t = ref_gelu_forward(x)
+    ref_out, ref_cache = R.gelu_forward(x)
     np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(t, ref_t)
-    np.testing.assert_array_equal(L.gelu_backward(dout, (x_cached, t)), ref_gelu_backward(dout, x, ref_t))
+    np.testing.assert_array_equal(t, ref_cache[1])
+    np.testing.assert_array_equal(L.gelu_backward(dout, (x_cached, t)), R.gelu_backward(dout, ref_cache))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,10 +109,18 @@ def test_attention(dtype, with_dropout, n_threads):
     dy = rng.standard_normal((B, T, NH * hs)).astype(dtype)
     mask = L.dropout_mask(rng, (B, NH, T, T), 0.3, np.dtype(dtype)) if with_dropout else None
     y, cache = L.attention_forward(qkv, NH, mask)
-    ref_y, ref_att, ref_dqkv = ref_attention(qkv, NH, mask, dy)
+    ref_y, ref_cache = R.attention_forward(qkv, NH, mask)
     np.testing.assert_array_equal(y, ref_y)
-    np.testing.assert_array_equal(cache[3], ref_att)
-    np.testing.assert_array_equal(L.attention_backward(dy, cache), ref_dqkv)
+    np.testing.assert_array_equal(cache[3], ref_cache[3])                # the attention weights
+    np.testing.assert_array_equal(L.attention_backward(dy, cache), R.attention_backward(dy, ref_cache))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype, n_threads):
+    rng = np.random.default_rng(8)
+    z = (rng.standard_normal((3, 4, 9)) * 3).astype(dtype)
+    z[..., -2:] = -np.inf                                    # masked entries, as the causal mask makes
+    np.testing.assert_array_equal(L.softmax_inplace(z.copy()), R.softmax_forward(z)[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,25 +128,60 @@ def test_cross_entropy(dtype, n_threads):
     rng = np.random.default_rng(3)
     logits = (rng.standard_normal((17, 11)) * 4).astype(dtype)
     targets = rng.integers(0, 11, 17)
-    ref_loss, ref_probs, ref_dlogits = ref_cross_entropy(logits, targets)
+    ref_loss, ref_cache = R.cross_entropy_forward(logits, targets)
     loss, (probs, cached_targets) = L.cross_entropy_forward(logits.copy(), targets)
-    assert loss == pytest.approx(ref_loss, rel=1e-15)
-    np.testing.assert_array_equal(probs, ref_probs)
-    np.testing.assert_array_equal(L.cross_entropy_backward((probs, cached_targets)), ref_dlogits)
+    assert loss == pytest.approx(ref_loss, rel=1e-15)       # both average float64 losses, in other orders
+    np.testing.assert_array_equal(probs, ref_cache[0])
+    np.testing.assert_array_equal(L.cross_entropy_backward((probs, cached_targets)),
+                                  R.cross_entropy_backward(ref_cache))
     assert L.cross_entropy_loss(logits.copy(), targets) == pytest.approx(ref_loss, rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding(dtype, tied, n_threads):
+    rng = np.random.default_rng(10)
+    V, Tmax, C = 6, 9, 5
+    idx = rng.integers(0, V, (3, 7))                         # ids repeat: 21 positions, 6 tokens
+    wte, wpe = rng.standard_normal((V, C)).astype(dtype), rng.standard_normal((Tmax, C)).astype(dtype)
+    dout = rng.standard_normal((3, 7, C)).astype(dtype)
+    out, cache = L.embedding_forward(idx, wte, wpe)
+    ref_out, ref_cache = R.embedding_forward(idx, wte, wpe)
+    np.testing.assert_array_equal(out, ref_out)
+    head = rng.standard_normal((V, C)).astype(dtype) if tied else np.zeros((V, C), dtype)
+    dwte, dwpe = head.copy(), np.full((Tmax, C), np.nan, dtype)   # the fast form adds into dwte
+    L.embedding_backward(dout, cache, dwte, dwpe)
+    ref_dwte, ref_dwpe = R.embedding_backward(dout, ref_cache)
+    np.testing.assert_array_equal(dwpe, ref_dwpe)
+    if tied:     # head + (g1 + g2 ...) in the reference, (head + g1) + g2 ... in the fast form
+        terms = np.abs(head) + np.abs(ref_dwte)
+        assert_sum_close(dwte, head + ref_dwte, terms, idx.size + 1)
+    else:
+        np.testing.assert_array_equal(dwte, ref_dwte)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout(dtype, n_threads):
+    rng = np.random.default_rng(12)
+    x, dout = rng.standard_normal((2, 3, 8)).astype(dtype), rng.standard_normal((2, 3, 8)).astype(dtype)
+    mask = R.dropout_mask(np.random.default_rng(1), x.shape, 0.4, dtype)
+    out, cache = L.dropout_forward(x, mask)
+    np.testing.assert_array_equal(out, R.dropout_forward(x, mask)[0])
+    np.testing.assert_array_equal(L.dropout_backward(dout, cache), R.dropout_backward(dout, mask))
+    assert L.dropout_forward(x, None)[0] is x and L.dropout_backward(dout, None) is dout
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 3, 9, 9), (4, 1)])
 def test_dropout_mask_is_the_plain_expression(dtype, shape, n_threads):
-    """The same mask, and the same RNG state after it, as rng.random(...) >= p scaled, whether the
-    numbers are drawn on one thread or in jumped-ahead blocks."""
+    """The same mask, and the same RNG state after it, as the reference's rng.random(...) >= p scaled,
+    whether the numbers are drawn on one thread or in jumped-ahead blocks."""
     p = 0.25
     for start in (0, 1):                                     # 1: a half-used 64-bit output first
         rng, ref_rng = np.random.default_rng(7), np.random.default_rng(7)
         rng.random(start, dtype=np.float32), ref_rng.random(start, dtype=np.float32)
         mask = L.dropout_mask(rng, shape, p, np.dtype(dtype))
-        ref = (ref_rng.random(shape, dtype=np.float32) >= p).astype(dtype) * dtype(1.0 / (1.0 - p))
+        ref = R.dropout_mask(ref_rng, shape, p, dtype)
         assert mask.dtype == dtype and mask.shape == shape
         np.testing.assert_array_equal(mask, ref)
         assert rng.bit_generator.state == ref_rng.bit_generator.state

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_parser(sub)
     from ..gradcheck import add_arguments
     add_arguments(sub.add_parser("gradcheck", help="check the NumPy backward passes against finite differences "
-                                                   "(and torch autograd); run it after changing layers.py"))
+                                                   "(and torch autograd); run it after changing reference.py or layers.py"))
     return parser
 
 

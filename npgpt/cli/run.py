@@ -24,6 +24,9 @@ def add_parser(sub):
     p = sub.add_parser("train", help="pretrain on a text file (default: The Verdict) or a folder of token shards")
     d = RUN_DEFAULTS
     p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
+    p.add_argument("--kernels", choices=("fast", "reference"), default="fast",
+                   help="numpy: the layers to run, fast (layers.py, the default) or reference (reference.py, "
+                        "the textbook form: slower, the same math)")
     p.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: The Verdict, bundled), or a folder "
                                                  "of token shards (npgpt prepare, llm.c, nanoGPT's train.bin)")
     p.add_argument("--preset", help="model size (book-124m, gpt2-small, ..., tiny; default: book-124m, "
@@ -149,6 +152,9 @@ def check_run(args) -> None:
     torch_only = [f"--{k.replace('_', '-')}" for k, v in torch_options(args).items()]
     if torch_only and args.backend != "torch":
         raise ValueError(f"{torch_only[0]} needs --backend torch")
+    if args.kernels != "fast" and args.backend != "numpy":
+        raise ValueError(f"--kernels {args.kernels} needs --backend numpy (the torch backend's gradients are "
+                         "autograd's)")
 
 
 def torch_options(args) -> dict:

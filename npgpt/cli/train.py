@@ -99,12 +99,15 @@ def _model(args, options):
     if not args.resume:
         overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
         cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
+        numpy_options = {"kernels": args.kernels} if args.backend == "numpy" else {}
         model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device,
-                                  **options)
+                                  **numpy_options, **options)
         return model, npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay), TrainState()
     model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device, **options)
     if opt is None:
         raise ValueError(f"{args.resume}: holds no optimizer state, so training cannot resume from it")
+    if model.backend == "numpy":
+        model.kernels = args.kernels
     if args.drop_rate is not None and args.drop_rate != model.cfg.drop_rate:
         raise ValueError(f"--drop-rate {args.drop_rate}: {args.resume} was trained with "
                          f"{model.cfg.drop_rate}, and a resumed run keeps its model")

@@ -12,12 +12,11 @@ import math
 import numpy as np
 
 from .. import sampling
-from . import layers as L
 
 
 def forward_cached(model, idx, cache: sampling.KVCache) -> np.ndarray:
     """Run the new tokens idx (B, Tn) at positions cache.length.. -> logits of the last one (B, V)."""
-    cfg, p = model.cfg, model.p
+    cfg, p, L = model.cfg, model.p, model.L     # the model's kernels: layers.py or reference.py
     B, Tn = idx.shape
     C, NH, hs = cfg.emb_dim, cfg.n_heads, cfg.head_dim
     t0, t1 = cache.length, cache.length + Tn

@@ -1,4 +1,7 @@
-"""GPT-2 in NumPy: the forward pass through the layers of layers.py, and its backward in reverse order.
+"""GPT-2 in NumPy: the forward pass through its layers, and its backward in reverse order.
+
+The layers are reference.py's (the textbook form, kernels="reference") or layers.py's (the same
+math made fast, kernels="fast", the default), through kernels.py's one calling convention.
 
 Parameters live in one flat array with a named view per tensor (llm.c's layout), and so do
 their gradients: AdamW and gradient clipping then work on whole buffers. Shapes as in
@@ -9,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..base import Backend
-from ..config import GPTConfig
+from ..config import GPTConfig, check_token_ids
 from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
 from ..sampling import KVCache
-from ..tokenizer import check_token_ids
-from . import layers as L
+from . import kernels as K
+from . import reference as R
 from .generate import forward_cached, sampler
 from .threads import one_blas_thread
 
@@ -42,10 +45,12 @@ class NumpyGPT(Backend):
     backend = "numpy"
 
     def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray] | None = None, dtype="float32",
-                 seed: int = 123):
+                 seed: int = 123, kernels: str = "fast"):
         """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
-        that then writes each tensor straight into param_views()."""
+        that then writes each tensor straight into param_views(). kernels: "fast" (layers.py) or
+        "reference" (reference.py: forward, backward, clipping and AdamW; see the kernels property)."""
         keep_freed_memory()
+        self.kernels = kernels
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -61,6 +66,17 @@ class NumpyGPT(Backend):
         self.training = True
         self.rng = np.random.default_rng(seed)   # dropout masks
         self.dropout_masks = None                # tests: callable(name, shape) -> bool keep-mask
+
+    @property
+    def kernels(self) -> str:
+        """"fast" or "reference": which form of the layers the model runs (settable, e.g. after a
+        checkpoint is loaded); npgpt.AdamW's step follows the model's choice."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, name: str) -> None:
+        self.L = K.get(name)        # the layer functions forward and forward_backward call
+        self._kernels = name
 
     # ---- the interface shared with the torch backend ----
 
@@ -101,6 +117,11 @@ class NumpyGPT(Backend):
         """Scale all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_).
         The squares are summed in float64, a block at a time: a float32 dot over GPT-2's 124M
         gradients is off by up to 6e-4 (relative), and the accumulated error grows with the size."""
+        if self.kernels == "reference":
+            clipped, norm = R.clip_grad_norm(self.g, max_norm)
+            for name, g in clipped.items():
+                self.g[name][...] = g
+            return norm
         g, block, squares = self.flat_grads, 1 << 16, 0.0
         for start in range(0, g.size, block):
             b = g[start:start + block].astype(np.float64)                  # 512 KiB: stays in the cache
@@ -148,14 +169,14 @@ class NumpyGPT(Backend):
                 raise ValueError(f"dropout mask {name}: expected shape {shape}, got {keep.shape}")
             mask = keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
         else:
-            mask = L.dropout_mask(self.rng, shape, p, self.dtype)
+            mask = self.L.dropout_mask(self.rng, shape, p, self.dtype)
         return mask if as_shape is None else mask.reshape(as_shape)
 
     @one_blas_thread()      # the pool shares out products and elementwise work alike (threads.py)
     def forward(self, idx, targets=None, for_backward=True):
         """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches).
         for_backward=False (evaluation) keeps no layer's cache: each is freed as the next runs."""
-        cfg, p = self.cfg, self.p
+        cfg, p, L = self.cfg, self.p, self.L
         idx = check_token_ids(idx, cfg.vocab_size, "inputs", cfg.context_length)
         if targets is not None:
             targets = check_token_ids(targets, cfg.vocab_size, "targets", cfg.context_length)
@@ -190,7 +211,7 @@ class NumpyGPT(Backend):
                 blocks.append(c)
         x, lnf_cache = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
         logits, head_cache = L.linear_forward(x, self.head_weight())           # (N, V)
-        caches = (emb_cache, drop_cache, blocks, lnf_cache, head_cache)
+        caches = (idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache)
         if targets is None:
             return logits.reshape(B, T, -1), caches
         if not for_backward:
@@ -204,9 +225,9 @@ class NumpyGPT(Backend):
     @one_blas_thread()
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; fills self.g with its gradients."""
-        loss, (emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
-        B, T = emb_cache.shape
-        C, N, g = self.cfg.emb_dim, B * T, self.g
+        loss, (idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
+        B, T = idx.shape
+        C, N, g, L = self.cfg.emb_dim, B * T, self.g, self.L
         dlogits = L.cross_entropy_backward(ce_cache)                            # (N, V)
         tied = self.cfg.tie_weights
         dx = L.linear_backward(dlogits, head_cache, g["wte"] if tied else g["lm_head.weight"])

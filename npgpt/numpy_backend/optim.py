@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..params import check_params, decays
+from . import reference as R
 from .model import flat_views
 from .threads import parallel_map
 
@@ -51,6 +52,7 @@ class AdamW:
 
     decay_all=True decays every parameter, as the book's torch.optim.AdamW(model.parameters(),
     weight_decay=0.1) does; decay_all=False exempts biases, LayerNorm and embeddings.
+    On a model running the reference kernels, step() is reference.adamw_update on each tensor.
     """
 
     def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
@@ -85,6 +87,8 @@ class AdamW:
 
     def step(self):
         self.step_count += 1
+        if self.model.kernels == "reference":
+            return self.reference_step()
         b1, b2 = self.betas
         bufs = (self.model.flat_params, self.model.flat_grads, self.exp_avg, self.exp_avg_sq)
         hyper = (self.lr, b1, b2, self.eps, self.step_count, 1.0 - self.lr * self.weight_decay)
@@ -95,6 +99,16 @@ class AdamW:
             adamw_update(p, g, m, v, np.empty_like(p), *hyper, ranges)     # scratch: L2-sized
 
         parallel_map(run, self._chunks)
+
+    def reference_step(self):
+        """The textbook update, tensor by tensor (reference.adamw_update), written into the buffers."""
+        model, m_views, v_views = self.model, flat_views(self.exp_avg, self.model.shapes), \
+            flat_views(self.exp_avg_sq, self.model.shapes)
+        for name, p in model.p.items():
+            wd = self.weight_decay if self.decay_all or decays(name) else 0.0
+            p[...], m_views[name][...], v_views[name][...] = R.adamw_update(
+                p, model.g[name], m_views[name], v_views[name], self.step_count, self.lr, self.betas,
+                self.eps, wd)
 
     def state(self) -> dict:
         """Hyperparameters, step and the moments by parameter name (copies)."""

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from ..base import Backend
-from ..config import GPTConfig
+from ..config import GPTConfig, check_token_ids
 from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
 from ..sampling import KVCache
-from ..tokenizer import check_token_ids
 from ..training.perf import peak_flops
 from .device import dropout_stream, tf32_matmuls, to_device
 from .gpt import GPT
