@@ -1,10 +1,12 @@
 """The backends side by side on this machine, like with like, in one run.
 
     python benchmarks/bench_backends.py [--configs small book-124m] [--rounds 2] [--repeats 3]
-                                        [--variants numpy torch torch-bf16 book book+alloc]
+                                        [--variants numpy numpy-reference torch torch-bf16 book book+alloc]
 
 Variants, each measured in a process of its own:
   numpy       npgpt's NumPy backend, float32
+  numpy-reference  the same model on the reference kernels (numpy_backend/reference.py: whole arrays,
+              no thread pool, BLAS with its own threads): what the fast kernels buy
   torch       npgpt's torch backend on the CPU, float32, fused AdamW
   torch-bf16  the same under torch.autocast("cpu", torch.bfloat16) (AVX512-BF16 or AMX where present)
   torch-cuda  bf16 autocast, TF32 and fused AdamW on the GPU, where there is one
@@ -47,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ["numpy", "torch", "torch-bf16", "torch-cuda", "book", "book+alloc"]
+VARIANTS = ["numpy", "numpy-reference", "torch", "torch-bf16", "torch-cuda", "book", "book+alloc"]
 CONFIGS = {"tiny": dict(preset="tiny"),
            "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4),
            "book-124m": dict(preset="book-124m")}
@@ -153,12 +155,12 @@ def library_info(variant):
                                for p in threadpoolctl.threadpool_info()]
     except ImportError:
         info["threadpools"] = "threadpoolctl not installed"
-    if variant != "numpy":
+    if not variant.startswith("numpy"):
         import torch
         info["torch_threads"] = torch.get_num_threads()
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if variant == "numpy":
+    if variant.startswith("numpy"):
         from npgpt.numpy_backend import threads
         info["npgpt_threads"] = threads.num_threads()
     from npgpt.memory import allocator_settings
@@ -183,9 +185,10 @@ def run_one(variant, name, repeats, first_round):
         row["train_s"], row["page_faults_per_step"], row["forward_s"] = book_model(cfg, x, y, repeats)
         lib = "torch"
     else:
-        options = {"device": "cuda" if cuda else "cpu", "autocast": "bf16" if variant != "torch" else None} \
-            if variant != "numpy" else {}
-        model = npgpt.build_model(cfg, backend="numpy" if variant == "numpy" else "torch", seed=123, **options)
+        numpy = variant.startswith("numpy")
+        options = {"kernels": "reference"} if variant == "numpy-reference" else {} if numpy else \
+            {"device": "cuda" if cuda else "cpu", "autocast": "bf16" if variant != "torch" else None}
+        model = npgpt.build_model(cfg, backend="numpy" if numpy else "torch", seed=123, **options)
         opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
         for _ in range(WARMUP_STEPS):
             model.train_step(x, y, opt)
@@ -201,7 +204,7 @@ def run_one(variant, name, repeats, first_round):
         if first_round:
             row["gen_no_cache_s_per_token"] = timed(lambda: generate(GEN_TOKENS, False), 1, 0)[0] / GEN_TOKENS
         row["gen_weight_bytes"] = weight_bytes(cfg)
-        lib = "numpy" if variant == "numpy" else "torch"
+        lib = "numpy" if numpy else "torch"
         if variant == "numpy" and first_round:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from profile_numpy import profile_step
@@ -300,10 +303,14 @@ def report(merged, configs, meta, command):
             if "numpy" in step and other in step:
                 ratios.append(f"| train step: numpy / {other} | {step['numpy'][0] / step[other][0]:.2f} | "
                               f"{step['numpy'][1] / step[other][1]:.2f} |")
+        if "numpy" in step and "numpy-reference" in step:
+            ratios.append(f"| train step: numpy-reference / numpy (what the fast kernels buy) | "
+                          f"{step['numpy-reference'][0] / step['numpy'][0]:.2f} | "
+                          f"{step['numpy-reference'][1] / step['numpy'][1]:.2f} |")
         if "numpy" in gen and "torch" in gen:
             ratios.append(f"| KV-cache generation tokens/s: numpy / torch | {gen['torch'][0] / gen['numpy'][0]:.2f} | "
                           f"{gen['torch'][1] / gen['numpy'][1]:.2f} |")
-        for v in ("numpy", "torch", "torch-bf16", "book", "book+alloc"):
+        for v in ("numpy", "numpy-reference", "torch", "torch-bf16", "book", "book+alloc"):
             if v in step:
                 m = by[v]
                 peak = m["bf16_matmul_peak_gflops"] if v == "torch-bf16" else m["matmul_peak_gflops"]
@@ -396,7 +403,7 @@ def main():
     variants = list(args.variants or VARIANTS)
     has_torch = importlib.util.find_spec("torch") is not None
     if not has_torch:
-        variants = [v for v in variants if v == "numpy"]
+        variants = [v for v in variants if v.startswith("numpy")]
     if "torch-cuda" in variants and not __import__("torch").cuda.is_available():
         variants.remove("torch-cuda")
     if any(v.startswith("book") for v in variants) and importlib.util.find_spec("llms_from_scratch") is None:

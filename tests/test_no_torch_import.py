@@ -48,9 +48,15 @@ def test_the_blocker_blocks(tmp_path):
 
 
 def test_the_layers_a_reader_opens_first_load_numpy_and_nothing_heavier():
-    """`import npgpt.numpy_backend.layers` (and `import npgpt`) pull in no tokenizer, HDF5, plotting,
-    progress bar or torch: npgpt's own modules, NumPy, the standard library and threadpoolctl (a
-    small pure-Python module that sets BLAS's thread count) only."""
+    """`import npgpt.numpy_backend.reference` loads NumPy and nothing else of npgpt's; then layers (and
+    `import npgpt`) pull in no tokenizer, HDF5, plotting, progress bar or torch: npgpt's own modules,
+    NumPy, the standard library and threadpoolctl (a small pure-Python module that sets BLAS's thread
+    count) only."""
+    reference = subprocess.run([sys.executable, "-c", "import sys, npgpt.numpy_backend.reference; print(' '.join("
+                                "sorted(m for m in sys.modules if m.startswith('npgpt'))))"],
+                               capture_output=True, text=True, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert set(reference.stdout.split()) == {"npgpt", "npgpt.numpy_backend", "npgpt.numpy_backend.reference"}, \
+        reference.stdout
     script = ("import sys; import npgpt; import npgpt.numpy_backend.layers\n"
               "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     before = subprocess.run([sys.executable, "-c", "import sys, numpy; print(' '.join(sorted({m.split('.')[0] "

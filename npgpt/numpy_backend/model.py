@@ -9,6 +9,9 @@ layers.py: B batch, T time, C channels, NH heads, V vocabulary, N = B * T.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 
 from ..base import Backend
@@ -20,6 +23,17 @@ from . import kernels as K
 from . import reference as R
 from .generate import forward_cached, sampler
 from .threads import one_blas_thread
+
+
+def on_the_pool(method):
+    """With the fast kernels, BLAS runs one thread per call while the method runs: npgpt's pool
+    shares out the products and the elementwise work alike (threads.py). The reference kernels
+    are plain NumPy, and BLAS keeps its own threads."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with one_blas_thread() if self.kernels == "fast" else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+    return run
 
 
 def flat_views(flat: np.ndarray, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -39,7 +53,8 @@ class NumpyGPT(Backend):
     (npgpt.memory.keep_freed_memory; a step reuses its activations' memory instead of faulting
     it in again). The work runs on npgpt's thread pool, one thread per CPU (threads.py;
     threads.set_num_threads or $NPGPT_NUM_THREADS; results do not depend on it), and while the
-    model computes, NumPy's BLAS runs one thread per call (threads.one_blas_thread).
+    model computes, NumPy's BLAS runs one thread per call (on_the_pool). With kernels="reference"
+    the model runs reference.py: whole arrays, no pool, BLAS with its own threads.
     """
 
     backend = "numpy"
@@ -144,7 +159,7 @@ class NumpyGPT(Backend):
     def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch_size, capacity, lambda shape: np.zeros(shape, self.dtype))
 
-    @one_blas_thread()
+    @on_the_pool
     def next_logits(self, ids, cache: KVCache | None) -> np.ndarray:
         """ids (B, Tn) -> logits of the last position (B, V); with a cache, ids continue its positions.
         Without one, the window runs through a cache of its own, so that only its last position
@@ -172,7 +187,7 @@ class NumpyGPT(Backend):
             mask = self.L.dropout_mask(self.rng, shape, p, self.dtype)
         return mask if as_shape is None else mask.reshape(as_shape)
 
-    @one_blas_thread()      # the pool shares out products and elementwise work alike (threads.py)
+    @on_the_pool            # the pool shares out products and elementwise work alike (threads.py)
     def forward(self, idx, targets=None, for_backward=True):
         """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches).
         for_backward=False (evaluation) keeps no layer's cache: each is freed as the next runs."""
@@ -222,7 +237,7 @@ class NumpyGPT(Backend):
     def head_weight(self):
         return self.p["wte"] if self.cfg.tie_weights else self.p["lm_head.weight"]
 
-    @one_blas_thread()
+    @on_the_pool
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; fills self.g with its gradients."""
         loss, (idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
