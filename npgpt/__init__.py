@@ -12,7 +12,7 @@ _HOMES = {
     ".config": ("GPTConfig", "PRESETS"),
     ".data": ("load_corpus", "make_loaders"),
     ".params": ("init_params", "num_params", "param_shapes"),
-    ".sampling": ("generate", "next_token_probs"),
+    ".sampling": ("generate", "next_token_probs", "sampled_token_counts"),
     ".tokenizer": ("get_tokenizer", "text_to_token_ids", "token_ids_to_text"),
     ".training.loop": ("calc_loss_batch", "calc_loss_loader", "evaluate_model", "train_model_simple",
                        "train_steps"),

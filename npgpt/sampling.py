@@ -1,5 +1,6 @@
 """Decoding, written once for both backends: temperature, top-k and top-p turn the last position's
 logits into next-token probabilities, and generate() runs the one sampling loop with a KV cache.
+sampled_token_counts tallies many draws from one distribution (the book's print_sampled_tokens).
 
 Each backend supplies three things to the loop (see Backend in base.py): next_logits(ids, cache),
 the forward step that returns the last position's logits; new_kv_cache(batch_size, capacity), a
@@ -13,7 +14,7 @@ import math
 
 import numpy as np
 
-from .tokenizer import check_token_ids
+from .config import check_token_ids
 
 
 class KVCache:
@@ -100,6 +101,21 @@ def sample(probs, rng: np.random.Generator) -> np.ndarray:
     u = rng.random(probs.shape[0]) * cdf[:, -1]
     # first index whose cumulative mass exceeds u: zero-probability tokens are never picked
     return (cdf <= u[:, None]).sum(axis=-1)
+
+
+def sampled_token_counts(logits, temperature=1.0, top_k=None, top_p=None, n=1000, seed=123) -> np.ndarray:
+    """logits (V,) -> how often each token comes out in n draws from next_token_probs: counts (V,),
+    int64, summing to n. The draws are sample()'s on n copies of the row, from default_rng(seed)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 1:
+        raise ValueError(f"logits: expected one row of shape (V,), got shape {logits.shape}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    cdf = np.cumsum(probs)
+    u = np.random.default_rng(seed).random(n) * cdf[-1]
+    draws = np.searchsorted(cdf, u, side="right")       # sample()'s rule, without an (n, V) array
+    return np.bincount(draws, minlength=len(probs))
 
 
 def generate(model, idx, max_new_tokens=25, context_size=None, temperature=0.0, top_k=None,
