@@ -8,7 +8,8 @@ Variants, each measured in a process of its own:
   numpy-reference  the same model on the reference kernels (numpy_backend/reference.py: whole arrays,
               no thread pool, BLAS with its own threads): what the fast kernels buy
   torch       npgpt's torch backend on the CPU, float32, fused AdamW
-  torch-bf16  the same under torch.autocast("cpu", torch.bfloat16) (AVX512-BF16 or AMX where present)
+  torch-bf16  the same under torch.autocast("cpu", torch.bfloat16) (AVX512-BF16 or AMX where present;
+              skipped, with the reason in results.md, on a CPU where torch has no fast bf16)
   torch-cuda  bf16 autocast, TF32 and fused AdamW on the GPU, where there is one
   book        the book's GPTModel (llms-from-scratch, `pip install llms-from-scratch --no-deps`)
               with its default torch.optim.AdamW, as its users run it: glibc's default allocator
@@ -410,6 +411,14 @@ def main():
         print("bench: llms-from-scratch not installed, skipping the book's model "
               "(pip install llms-from-scratch --no-deps)", file=sys.stderr)
         variants = [v for v in variants if not v.startswith("book")]
+    skipped = ""
+    if "torch-bf16" in variants:
+        from npgpt.torch_backend.device import cpu_bf16_missing
+        reason = cpu_bf16_missing()
+        if reason:
+            skipped = f"; torch-bf16 skipped: {reason}"
+            print(f"bench: torch-bf16 skipped: {reason}", file=sys.stderr)
+            variants.remove("torch-bf16")
     env, removed = child_env(args.keep_openblas_env)
     started = time.perf_counter()
     rows = []
@@ -436,7 +445,7 @@ def main():
                       f"min and median of {args.rounds * args.repeats} samples.",
             "conditions": openblas + "; MALLOC_* environment: " +
                           (", ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "none") +
-                          f"; the run took {(time.perf_counter() - started) / 60:.1f} min."}
+                          f"; the run took {(time.perf_counter() - started) / 60:.1f} min{skipped}."}
     command = "python benchmarks/bench_backends.py" + "".join(
         f" {flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
         for flag, value, default in (("--configs", args.configs, ["small", "book-124m"]),

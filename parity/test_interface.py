@@ -51,6 +51,7 @@ def test_torch_options_are_checked():
         model.logits(np.zeros((1, 9), dtype=np.int64))
 
 
+@pytest.mark.filterwarnings("ignore:autocast='bf16' on the CPU")   # slow where the CPU lacks bf16; tiny here
 def test_bf16_autocast_on_the_cpu():
     """autocast="bf16" on the CPU: matrix products in bfloat16 (8 significant bits, ~4e-3 a
     rounding), parameters and their gradients float32; the loss stays within 2e-2 of float32's."""

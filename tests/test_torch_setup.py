@@ -15,7 +15,8 @@ from npgpt.base import loss_value
 from npgpt.torch_backend import device as device_mod
 from npgpt.torch_backend.distributed import rank_device
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),   # bf16 on tiny models: no matter if slow here
+              pytest.mark.filterwarnings("ignore:autocast='bf16' on the CPU")]
 
 CFG = npgpt.GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
                       drop_rate=0.1, qkv_bias=True)
@@ -23,6 +24,28 @@ CFG = npgpt.GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, 
 
 def batch(seed=0, B=2, T=16):
     return np.random.default_rng(seed).integers(0, CFG.vocab_size, (2, B, T))
+
+
+@pytest.mark.parametrize("missing", [None, "no fast bf16 here"])
+def test_bf16_autocast_on_a_cpu_without_bf16_warns(monkeypatch, missing):
+    """build_model warns where torch reports no fast CPU bf16 (the CLI refuses: tests/test_cli_errors.py)."""
+    import warnings
+    from npgpt.torch_backend import device
+    monkeypatch.setattr(device, "cpu_bf16_missing", lambda: missing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        npgpt.build_model(CFG, "torch", autocast="bf16", device="cpu")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == ([] if missing is None else ["autocast='bf16' on the CPU: no fast bf16 here"])
+
+
+def test_cpu_bf16_missing_agrees_with_torch():
+    import torch
+    from npgpt.torch_backend.device import cpu_bf16_missing
+    reason = cpu_bf16_missing()
+    assert (reason is None) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if reason:
+        assert torch.backends.cpu.get_cpu_capability() in reason and "float32" in reason
 
 
 def test_float64_with_bf16_autocast_is_refused():

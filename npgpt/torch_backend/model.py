@@ -18,7 +18,7 @@ from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
 from ..sampling import KVCache
 from ..training.perf import peak_flops
-from .device import dropout_stream, tf32_matmuls, to_device
+from .device import dropout_stream, tf32_matmuls, to_device, warn_if_slow_bf16
 from .gpt import GPT
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,6 +60,8 @@ class TorchGPT(Backend):
                              "dtype='float64' without autocast")
         if autocast and self.device.type not in ("cuda", "cpu"):
             raise ValueError(f"autocast='bf16' runs on CUDA or the CPU, got device {str(self.device)!r}")
+        if autocast:
+            warn_if_slow_bf16(self.device)
         self.autocast = autocast
         keep_freed_memory()
         # float32 matmuls on CUDA run in TF32 inside the model's calls (the process's setting is left alone)
