@@ -35,7 +35,7 @@ def run_one(args, compile: bool) -> dict:
     cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
     B, T = args.batch_size, args.seq_len
     model = npgpt.build_model(cfg, backend="torch", device="cuda", autocast="bf16", compile=compile)
-    opt = npgpt.AdamW(model, lr=6e-4, weight_decay=0.1, decay_all=False)
+    opt = npgpt.AdamW(model, lr=6e-4, weight_decay=0.1, decay="matrices")
     rng = np.random.default_rng(0)
     batches = [tuple(rng.integers(0, cfg.vocab_size, (2, B, T))) for _ in range(4)]
     started = time.perf_counter()

@@ -5,7 +5,7 @@ torch is imported only when the torch backend is asked for.
 from __future__ import annotations
 
 from .config import GPTConfig
-from .params import init_params
+from .params import DECAY_GROUPS, init_params
 
 BACKENDS = ("numpy", "torch")
 
@@ -49,19 +49,22 @@ def check_build_args(cfg, backend, dtype, device, torch_options) -> None:
 
 
 def AdamW(model, lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.999), eps: float = 1e-8,
-          decay_all: bool = True):
+          decay: str = "all"):
     """AdamW for the model's backend, with torch.optim.AdamW's semantics and defaults.
 
-    decay_all=True decays every parameter (the book's setting); False exempts biases,
-    LayerNorm parameters and the embeddings.
+    decay: the parameters weight decay applies to (params.decays): "all" (the book's setting),
+    "matrices" (every tensor of 2 or more dimensions, embeddings included, as nanoGPT and llm.c:
+    biases and LayerNorm exempt) or "none".
     """
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if decay not in DECAY_GROUPS:
+        raise ValueError(f"decay must be one of {DECAY_GROUPS}, got {decay!r}")
     if model.backend == "numpy":
         from .numpy_backend import AdamW as NumpyAdamW
-        return NumpyAdamW(model, lr, weight_decay, betas, eps, decay_all)
+        return NumpyAdamW(model, lr, weight_decay, betas, eps, decay)
     from .torch_backend import make_adamw
-    return make_adamw(model, lr, weight_decay, betas, eps, decay_all)
+    return make_adamw(model, lr, weight_decay, betas, eps, decay)

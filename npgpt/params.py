@@ -48,9 +48,17 @@ def param_role(name: str) -> str:
     return "bias" if name.endswith(".bias") else "matmul"
 
 
-def decays(name: str) -> bool:
-    """Weight decay applies to the matmul weights; AdamW(decay_all=False) exempts the rest."""
-    return param_role(name) == "matmul"
+DECAY_GROUPS = ("all", "matrices", "none")
+
+
+def decays(name: str, decay: str) -> bool:
+    """Whether AdamW(decay=...) applies weight decay to the parameter: "all" decays every one (the
+    book's torch.optim.AdamW(model.parameters(), weight_decay=0.1)); "matrices" every tensor of 2
+    or more dimensions, the linear weights and the embeddings (nanoGPT's and llm.c's GPT-2 runs),
+    exempting biases and LayerNorm; "none" none."""
+    if decay not in DECAY_GROUPS:
+        raise ValueError(f"decay must be one of {DECAY_GROUPS}, got {decay!r}")
+    return decay == "all" or decay == "matrices" and param_role(name) in ("matmul", "embedding")
 
 
 def num_params(cfg: GPTConfig) -> int:

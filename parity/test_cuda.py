@@ -281,7 +281,7 @@ def test_nonfinite_loss_skips_the_update_on_the_gpu():
 def test_float64_adamw_and_greedy_generation():
     reference, model = reference_and_model("float64")
     reference.train(), model.train()
-    opts = [npgpt.AdamW(m, lr=1e-3, weight_decay=0.1, decay_all=False) for m in (reference, model)]
+    opts = [npgpt.AdamW(m, lr=1e-3, weight_decay=0.1, decay="matrices") for m in (reference, model)]
     for step in range(5):
         inputs, targets = random_batch(CFG, 2, 32, seed=10 + step)
         reference.dropout_masks = model.dropout_masks = \

@@ -1,5 +1,5 @@
 """AdamW parity: ten steps from the same parameters and the same gradient sequence, with and
-without clipping, under a warmup + cosine schedule, with decay_all True and False; and the
+without clipping, under a warmup + cosine schedule, with each decay grouping; and the
 optimizer state format that moves between the backends."""
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def set_grads(np_model, torch_model, grads):
         p.grad = torch.from_numpy(grads[name].copy())
 
 
-@pytest.mark.parametrize("decay_all", [True, False])
+@pytest.mark.parametrize("decay", ["all", "matrices"])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_ten_adamw_steps(clip, decay_all):
+def test_ten_adamw_steps(clip, decay):
     params = perturb(npgpt.init_params(CFG, 3, "float64"), 3)
     np_model, torch_model = build_pair(CFG, "float64", params=params)
-    opts = [npgpt.AdamW(m, lr=0.0, weight_decay=0.1, decay_all=decay_all) for m in (np_model, torch_model)]
+    opts = [npgpt.AdamW(m, lr=0.0, weight_decay=0.1, decay=decay) for m in (np_model, torch_model)]
     rng = np.random.default_rng(11)
     clipped = []
     for step in range(10):
@@ -56,7 +56,7 @@ def test_ten_adamw_steps(clip, decay_all):
     for name, ref in new_params.items():
         assert_close(name, np_model.params()[name], ref, rtol=1e-10)
     np_state, torch_state = (opt.state() for opt in opts)
-    for key in ("step", "lr", "betas", "eps", "weight_decay", "decay_all"):
+    for key in ("step", "lr", "betas", "eps", "weight_decay", "decay"):
         assert np_state[key] == torch_state[key], key
     for key in ("exp_avg", "exp_avg_sq"):
         assert list(np_state[key]) == list(torch_state[key]) == list(params)
@@ -64,19 +64,24 @@ def test_ten_adamw_steps(clip, decay_all):
             assert_close(f"{key}[{name}]", np_state[key][name], ref, rtol=1e-10)
 
 
-def test_groups_follow_decay_all():
+def test_groups_follow_decay():
+    """"matrices" is nanoGPT's grouping (p.dim() >= 2 decays); the groups keep their roles when the
+    weight decay is set; "all" and "none" are one group each."""
     _, torch_model = build_pair(CFG, "float64")
-    names = {id(p): n for n, p in torch_model.module.named_parameters()}
-    opt = npgpt.AdamW(torch_model, weight_decay=0.1, decay_all=False)
+    params = dict(torch_model.module.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    opt = npgpt.AdamW(torch_model, weight_decay=0.1, decay="matrices")
     decayed = {names[id(p)] for g in opt.opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
-    assert decayed == {n for n in names.values() if n.endswith(".weight") and ".ln_" not in n
-                       and not n.startswith("ln_f")}
+    assert decayed == {n for n, p in params.items() if p.dim() >= 2} and {"wte", "wpe"} <= decayed
     opt.weight_decay = 0.2
     assert opt.weight_decay == 0.2 and sorted(g["weight_decay"] for g in opt.opt.param_groups) == [0.0, 0.2]
     opt.lr = 3e-4
     assert [g["lr"] for g in opt.opt.param_groups] == [3e-4, 3e-4]
-    all_groups = npgpt.AdamW(torch_model, weight_decay=0.1, decay_all=True).opt.param_groups
-    assert [len(g["params"]) for g in all_groups] == [len(names)]
+    for decay, wd in (("all", 0.1), ("none", 0.0)):
+        one = npgpt.AdamW(torch_model, weight_decay=0.1, decay=decay)
+        assert [(len(g["params"]), g["weight_decay"]) for g in one.opt.param_groups] == [(len(names), wd)]
+        one.weight_decay = 0.3
+        assert one.opt.param_groups[0]["weight_decay"] == (0.3 if decay == "all" else 0.0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -95,8 +100,8 @@ def test_the_step_runs_torchs_fused_kernel(dtype):
 
 def test_state_before_first_step_and_load_state():
     np_model, torch_model = build_pair(CFG, "float64")
-    np_opt = npgpt.AdamW(np_model, lr=1e-3, weight_decay=0.05, decay_all=False)
-    torch_opt = npgpt.AdamW(torch_model, lr=1e-3, weight_decay=0.05, decay_all=False)
+    np_opt = npgpt.AdamW(np_model, lr=1e-3, weight_decay=0.05, decay="matrices")
+    torch_opt = npgpt.AdamW(torch_model, lr=1e-3, weight_decay=0.05, decay="matrices")
     fresh = torch_opt.state()                      # torch has no state yet: zeros, not an error
     assert fresh["step"] == 0
     for key in ("exp_avg", "exp_avg_sq"):
@@ -106,12 +111,12 @@ def test_state_before_first_step_and_load_state():
     # a NumPy state with made-up moments and hyperparameters: torch takes it, and gives it back
     rng = np.random.default_rng(5)
     state = np_opt.state()
-    state.update(step=7, lr=2e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.3, decay_all=True,
+    state.update(step=7, lr=2e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.3, decay="all",
                  exp_avg={n: rng.standard_normal(s) for n, s in np_model.shapes.items()},
                  exp_avg_sq={n: rng.random(s) for n, s in np_model.shapes.items()})
     torch_opt.load_state(state)
     back = torch_opt.state()
-    for key in ("step", "lr", "betas", "eps", "weight_decay", "decay_all"):
+    for key in ("step", "lr", "betas", "eps", "weight_decay", "decay"):
         assert back[key] == state[key], key
     for key in ("exp_avg", "exp_avg_sq"):
         for name in np_model.shapes:

@@ -15,7 +15,7 @@ import pytest
 import npgpt
 from npgpt.files import atomic_write
 from npgpt.cli import main
-from npgpt.training.state import TrainState
+from npgpt.run_state import TrainState
 
 CFG = npgpt.GPTConfig.preset("tiny", vocab_size=500, context_length=16, drop_rate=0.1)
 
@@ -37,7 +37,7 @@ def trained(backend, dtype="float64", steps=3, cfg=CFG):
 
 def assert_same_state(a, b):
     """Optimizer state() of either backend: same step, hyperparameters and moments."""
-    for key in ("step", "lr", "eps", "weight_decay", "decay_all"):
+    for key in ("step", "lr", "eps", "weight_decay", "decay"):
         assert a[key] == pytest.approx(b[key]), key
     assert tuple(a["betas"]) == pytest.approx(tuple(b["betas"]))
     for key in ("exp_avg", "exp_avg_sq"):

@@ -121,7 +121,7 @@ def cases(f):
         (["train", "--resume", str(f["empty"])], ["empty.h5: not an HDF5 file"]),
         (["train", "--resume", str(f["notes_h5"])], ["notes.h5: not an HDF5 file"]),
         (["train", "--resume", str(f["cut"])], ["cut.h5: damaged"]),
-        (["train", "--resume", str(f["newer"])], ["newer.h5: checkpoint format version 99 is newer", "reads (2)"]),
+        (["train", "--resume", str(f["newer"])], ["newer.h5: checkpoint format version 99 is newer", "reads (3)"]),
         (["train", "--resume", str(f["other"])], ["other.h5: the tensors in params/ do not fit its config",
                                                   "missing ['h.2.ln_1.weight'"]),
         (["train", "--resume", str(f["ctx"])], ["ctx.h5: the tensors in params/ do not fit its config",

@@ -13,7 +13,7 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
-from npgpt.training.state import TrainState
+from npgpt.run_state import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -262,7 +262,7 @@ def small_checkpoint(tmp_path_factory):
     opt = npgpt.AdamW(model)
     x = np.array([[1, 2, 3, 4]])
     model.train_step(x, x, opt)
-    state = npgpt.training.state.TrainState(epoch=1, global_step=0, tokens_seen=4, train_losses=[3.9], val_losses=[3.95],
+    state = npgpt.run_state.TrainState(epoch=1, global_step=0, tokens_seen=4, train_losses=[3.9], val_losses=[3.95],
                                    track_tokens_seen=[4], track_steps=[0], lrs=[5e-4])
     path = npgpt.save_checkpoint(tmp_path_factory.mktemp("fuzz") / "c.h5", model, opt, state=state,
                                  run={"data": "x.txt"})
@@ -274,7 +274,7 @@ def same_checkpoint(a, b) -> bool:
     return (a["config"] == b["config"] and a["dtype"] == b["dtype"] and a["state"] == b["state"]
             and a["rng"] == b["rng"] and a["run"] == b["run"]
             and all(np.array_equal(a["params"][n], p) for n, p in b["params"].items())
-            and all(opt[0][k] == opt[1][k] for k in ("step", "lr", "betas", "eps", "weight_decay", "decay_all"))
+            and all(opt[0][k] == opt[1][k] for k in ("step", "lr", "betas", "eps", "weight_decay", "decay"))
             and all(np.array_equal(opt[0][k][n], p) for k in ("exp_avg", "exp_avg_sq") for n, p in opt[1][k].items()))
 
 

@@ -239,13 +239,13 @@ def test_row_blocks_cover_the_rows_and_ignore_the_thread_count():
 
 # ---- whole steps: the same bits for any number of threads --------------------------------------
 
-@pytest.mark.parametrize("decay_all", [True, False])
-def test_adamw_chunks_equal_one_update(decay_all, n_threads):
+@pytest.mark.parametrize("decay", ["all", "matrices", "none"])
+def test_adamw_chunks_equal_one_update(decay, n_threads):
     """The chunked, threaded AdamW step equals adamw_update on whole buffers."""
     cfg = npgpt.GPTConfig(vocab_size=31, context_length=8, emb_dim=8, n_heads=2, n_layers=2, qkv_bias=True)
     model = npgpt.build_model(cfg, dtype="float32")
     rng = np.random.default_rng(5)
-    opt = npgpt.AdamW(model, lr=1e-2, weight_decay=0.1, decay_all=decay_all)
+    opt = npgpt.AdamW(model, lr=1e-2, weight_decay=0.1, decay=decay)
     assert len(opt._chunks) > 10
     p, m, v = model.flat_params.copy(), np.zeros_like(model.flat_params), np.zeros_like(model.flat_params)
     decayed = [(s, s + r[1] - r[0]) for start, _, ranges in opt._chunks for r in ranges for s in [start + r[0]]]

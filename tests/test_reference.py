@@ -225,7 +225,7 @@ def test_reference_model_equals_fast_model(tied, qkv_bias):
     assert loss_r == pytest.approx(loss_f, abs=1e-10)
     for name in grads_f:
         assert_close(name, grads_r[name], grads_f[name], atol=1e-10)
-    opts = {k: npgpt.AdamW(m, lr=1e-2, weight_decay=0.1, decay_all=False) for k, m in models.items()}
+    opts = {k: npgpt.AdamW(m, lr=1e-2, weight_decay=0.1, decay="matrices") for k, m in models.items()}
     for step in range(5):
         losses = {k: m.train_step(x, y, opts[k], clip_norm=0.5) for k, m in models.items()}
         assert losses["reference"] == pytest.approx(losses["fast"], abs=1e-10), step

@@ -232,3 +232,19 @@ def test_bf16_greedy_logits_come_from_a_float32_head():
     assert not torch.equal(logits, logits.to(torch.bfloat16).float()), "the head ran in bf16"
     cache = model.new_kv_cache(2, CFG.context_length)
     torch.testing.assert_close(model.next_logits(ids, cache), logits, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("missing", ["no fast bf16 here", None])
+def test_the_cli_refuses_bf16_on_a_cpu_without_it(monkeypatch, tmp_path, capsys, missing):
+    """One line naming the lack and the float32 alternative, exit 2, before a model is built."""
+    from npgpt.cli import run
+    from npgpt.torch_backend import device
+    monkeypatch.setattr(device, "cpu_bf16_missing", lambda: missing)
+    monkeypatch.setattr(run, "check_out", lambda *a: (_ for _ in ()).throw(SystemExit("checks passed")))
+    argv = ["train", "--backend", "torch", "--device", "cpu", "--autocast", "bf16", "--out", str(tmp_path / "o")]
+    if missing:
+        assert npgpt.cli.main(argv) == 2
+        assert capsys.readouterr().err.strip() == "npgpt train: error: --autocast bf16: no fast bf16 here"
+    else:
+        with pytest.raises(SystemExit, match="checks passed"):   # past the check, to the next one
+            npgpt.cli.main(argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import models, prepare, run, train
+from . import config_file, models, prepare, run, train
 
 def cmd_gradcheck(args):
     from ..gradcheck import run
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_parser(sub)
+    config_file.add_argument(sub.choices["train"])
+    parser.subcommands = sub.choices        # main() reads a --config file into train's defaults
     models.add_parsers(sub)
     prepare.add_parser(sub)
     from ..gradcheck import add_arguments
@@ -35,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     command = COMMANDS[args.command]
     try:
+        if getattr(args, "config", None):       # the file's options become defaults; flags given override them
+            train_parser = parser.subcommands["train"]
+            train_parser.set_defaults(**config_file.load_config(args.config, train_parser))
+            args = parser.parse_args(argv)
         return command(args)
     except KeyboardInterrupt as e:                  # a second Ctrl-C / SIGTERM while training: 130 / 143
         print("npgpt: interrupted", file=sys.stderr)

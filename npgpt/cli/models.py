@@ -16,10 +16,13 @@ def add_parsers(sub):
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=123)
-    e = sub.add_parser("eval", help="train/val loss and perplexity on a text")
+    e = sub.add_parser("eval", help="train/val loss and perplexity on a text, HellaSwag accuracy")
     _model_source(e)
-    e.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: The Verdict, bundled), or a "
-                                                 "folder of token shards (their val part)")
+    e.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: The Verdict, bundled, unless "
+                                                 "--hellaswag alone is given), or a folder of token shards "
+                                                 "(their val part)")
+    e.add_argument("--hellaswag", metavar="FILE", help="HellaSwag jsonl (hellaswag_val.jsonl): acc and acc_norm")
+    e.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples")
     e.add_argument("--batch-size", type=int, default=2)
     e.add_argument("--max-length", type=int, default=256, help="tokens per window, also the stride "
                    "(default: 256, the book's exercise 5.5)")
@@ -77,19 +80,30 @@ def cmd_generate(args):
 def cmd_eval(args):
     """Mean loss over every window of the train and validation parts of a text: with GPT-2's 124M
     weights and the defaults (windows of 256, stride 256, batch 2, train ratio 0.9) the book reports
-    3.7547 / 3.5596. For a folder of token shards, over every window of its val shards."""
+    3.7547 / 3.5596. For a folder of token shards, over every window of its val shards. With
+    --hellaswag FILE, HellaSwag's acc and acc_norm too (alone when --data is not given)."""
     import npgpt
+    from ..hellaswag import hellaswag, load_examples
+    if args.hellaswag_limit is not None and (args.hellaswag is None or args.hellaswag_limit <= 0):
+        raise ValueError(f"--hellaswag-limit {args.hellaswag_limit}: expected a positive number of examples "
+                         "of a --hellaswag FILE")
+    examples = None if args.hellaswag is None else load_examples(args.hellaswag)   # bad input before the load
     model, tok = _load_model(args)
-    max_length = min(args.max_length, model.cfg.context_length)
-    if args.data is not None and os.path.isdir(args.data):           # token shards: every val window
-        from ..data.shards import TokenDir
-        parts = [("val", TokenDir(args.data).val_batches(args.batch_size, max_length))]
-    else:
-        parts = zip(("train", "val"), npgpt.make_loaders(npgpt.load_corpus(args.data), tok, batch_size=args.batch_size,
-                                                         max_length=max_length, stride=max_length))
-    for name, loader in parts:
-        loss = npgpt.calc_loss_loader(model, loader)
-        print(f"{name} loss {loss:.4f}  perplexity {math.exp(loss):.2f}")
+    if args.data is not None or examples is None:
+        max_length = min(args.max_length, model.cfg.context_length)
+        if args.data is not None and os.path.isdir(args.data):           # token shards: every val window
+            from ..data.shards import TokenDir
+            parts = [("val", TokenDir(args.data).val_batches(args.batch_size, max_length))]
+        else:
+            parts = zip(("train", "val"), npgpt.make_loaders(npgpt.load_corpus(args.data), tok,
+                                                             batch_size=args.batch_size, max_length=max_length,
+                                                             stride=max_length))
+        for name, loader in parts:
+            loss = npgpt.calc_loss_loader(model, loader)
+            print(f"{name} loss {loss:.4f}  perplexity {math.exp(loss):.2f}")
+    if examples is not None:
+        r = hellaswag(model, examples, tok, limit=args.hellaswag_limit, progress=sys.stderr.isatty())
+        print(f"hellaswag: {r['n']} examples, acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f}")
     return 0
 
 

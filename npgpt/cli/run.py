@@ -9,13 +9,19 @@ import os
 from pathlib import Path
 
 # The run's settings, saved in its checkpoint. With --resume, an option not given takes the saved
-# value (else the default here); the ones that decide the batches must not change mid-run.
+# value (else the default here); the ones that decide the batches must not change mid-run. The
+# defaults are the book's chapter-5 run: AdamW(lr 5e-4, weight decay 0.1 on every parameter, betas
+# (0.9, 0.999)), a constant lr, no clipping. min_lr and lr_decay_steps are resolved when the run
+# starts (--lr / 10, the run's steps), and only with --cosine.
 RUN_DEFAULTS = {"data": None, "data_sha256": None, "epochs": 10, "max_steps": None, "batch_size": 2,
                 "max_length": None, "stride": None, "seed": 123, "lr": 5e-4, "weight_decay": 0.1,
-                "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "clip": None,
-                "save_every": 0, "start_context": "Every effort moves you",
+                "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": "all",
+                "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "min_lr": None,
+                "lr_decay_steps": None, "clip": None, "save_every": 0, "start_context": "Every effort moves you",
                 "world_size": 1}    # torchrun's processes, each with its own --batch-size windows a step
 SAME_BATCHES = ("data_sha256", "batch_size", "max_length", "stride", "seed")
+# given with --resume, these apply from the next step (cmd_train prints which); --decay is refused
+CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "cosine", "min_lr", "lr_decay_steps", "clip")
 TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every")
 MAX_SEED = 2**63 - 1                                   # what every RNG involved (NumPy's, torch's) accepts
 
@@ -37,20 +43,42 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, help=f"default: {d['batch_size']}")
     p.add_argument("--max-length", type=int, help="tokens per window (default: the context length)")
     p.add_argument("--stride", type=int, help="text: step between windows (default: max length)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
-    p.add_argument("--weight-decay", type=float, help=f"default: {d['weight_decay']}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']}, the book's; the GPT-2 "
+                                            "recipe: 6e-4)")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW's (default: {d['weight_decay']})")
+    p.add_argument("--decay", choices=("all", "matrices", "none"),
+                   help="the parameters weight decay applies to: all (the default, the book's), matrices (every "
+                        "tensor of 2 or more dimensions, the linear weights and the embeddings, as nanoGPT and "
+                        "llm.c: biases and LayerNorm exempt), or none")
+    p.add_argument("--beta1", type=float, help=f"AdamW's beta1 (default: {d['beta1']})")
+    p.add_argument("--beta2", type=float, help=f"AdamW's beta2 (default: {d['beta2']}, the book's and torch's; "
+                                               "the GPT-2 recipe: 0.95)")
+    p.add_argument("--eps", type=float, help=f"AdamW's epsilon (default: {d['eps']})")
     p.add_argument("--eval-freq", type=int, help=f"text: evaluate every N steps (default: {d['eval_freq']})")
     p.add_argument("--eval-every", type=int, help=f"shards: evaluate and sample every N steps "
                                                   f"(default: {d['eval_every']})")
     p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default: {d['eval_iter']})")
-    p.add_argument("--warmup", type=int, metavar="STEPS", help="linear warmup steps (default: 0)")
-    p.add_argument("--cosine", action="store_true", default=None, help="cosine decay after warmup")
-    p.add_argument("--clip", type=float, metavar="NORM", help="clip the global gradient norm")
+    p.add_argument("--warmup", type=int, metavar="STEPS",
+                   help="linear warmup: step s < STEPS runs at lr*(s+1)/(STEPS+1), from near zero to just below "
+                        "--lr, as nanoGPT (appendix D starts at 3e-5 instead) (default: 0)")
+    p.add_argument("--cosine", action="store_true", default=None,
+                   help="after warmup, half a cosine from --lr down to --min-lr at step --lr-decay-steps, then "
+                        "--min-lr (default: off, a constant lr)")
+    p.add_argument("--min-lr", type=float, help="--cosine: its floor (default: --lr / 10, as nanoGPT)")
+    p.add_argument("--lr-decay-steps", type=int, metavar="STEPS",
+                   help="--cosine: the step at which it reaches --min-lr (default: the run's length: --max-steps "
+                        "on shards, --epochs x the batches of an epoch on a text); a resumed run keeps its own, "
+                        "so a larger --max-steps or --epochs continues at --min-lr unless this is given")
+    p.add_argument("--clip", type=float, metavar="NORM",
+                   help="clip the global gradient norm to NORM on every step from the first, warmup included "
+                        "(appendix D starts after warmup) (default: off, the book's)")
     p.add_argument("--out", metavar="DIR", help="checkpoint, history.json, loss plot (default: runs/npgpt, "
                                                 "or the folder of the --resume checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--save-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
-    p.add_argument("--resume", metavar="CKPT", help="continue the run saved in a checkpoint, with its settings")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue the run saved in a checkpoint, with its settings and schedule; the optimizer "
+                        "and schedule options given with it apply from the next step, and the run says so")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--autocast", choices=("bf16",), help="torch: bf16 autocast (CUDA, or a CPU with bf16)")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the training step")
@@ -91,7 +119,7 @@ def resolve_run(args) -> None:
     saved = {}
     if args.resume:
         with open_checkpoint(args.resume) as ckpt:
-            saved = ckpt["run"]
+            saved = saved_settings(ckpt, args.resume)
         if args.preset is not None and GPTConfig.preset(args.preset, drop_rate=ckpt["config"].drop_rate) \
                 != ckpt["config"]:
             raise ValueError(f"--preset {args.preset}: {args.resume} holds another model ({ckpt['config']}), "
@@ -122,14 +150,35 @@ def resolve_run(args) -> None:
         flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
         raise ValueError(f"{args.resume} was trained with {flags}; a resumed run must see the same batches "
                          f"(leave these options out, or start a new run)")
+    if args.resume and args.decay not in (None, saved["decay"]):
+        raise ValueError(f"--decay {args.decay}: {args.resume} was trained with --decay {saved['decay']}, and a "
+                         "resumed run keeps its optimizer's parameter groups (leave --decay out)")
+    args.changes = {k: (saved.get(k), getattr(args, k)) for k in CHANGEABLE if args.resume
+                    and getattr(args, k) is not None and getattr(args, k) != saved.get(k)}
     for key, default in RUN_DEFAULTS.items():
         if getattr(args, key) is None:
-            keep_optimizer = args.resume and key in ("lr", "weight_decay")
             unused = key in (TEXT_ONLY if shards else SHARDS_ONLY)
-            setattr(args, key, None if unused else saved.get(key, None if keep_optimizer else default))
+            setattr(args, key, None if unused else saved.get(key, default))
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.resume else "runs/npgpt"
     check_run(args)
+    if args.cosine and args.min_lr is None:
+        args.min_lr = args.lr / 10
+
+
+def saved_settings(ckpt, path) -> dict:
+    """A checkpoint's run settings, as a resumed run starts from them: the command line's as saved
+    (none in a checkpoint saved from Python), over them the optimizer's hyperparameters as it holds
+    them, and the schedule the run followed."""
+    o = ckpt["optimizer"]
+    if o is None:
+        raise ValueError(f"{path}: holds no optimizer state, so training cannot resume from it")
+    saved = {"lr": o["lr"], "weight_decay": o["weight_decay"], "beta1": o["betas"][0], "beta2": o["betas"][1],
+             "eps": o["eps"], **ckpt["run"], "decay": o["decay"]}
+    s = ckpt["state"].schedule
+    if s is not None:
+        saved.update(lr=s.peak_lr, warmup=s.warmup_steps, cosine=s.cosine, min_lr=s.min_lr, lr_decay_steps=s.decay_steps)
+    return saved
 
 
 def check_run(args) -> None:
@@ -139,14 +188,28 @@ def check_run(args) -> None:
         if value is not None and (isinstance(value, bool) or not ok(value)):
             raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
     for key in ("epochs", "max_steps", "batch_size", "max_length", "stride", "eval_freq", "eval_every",
-                "eval_iter", "grad_accum"):
+                "eval_iter", "grad_accum", "lr_decay_steps"):
         check(key, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
     for key in ("save_every", "warmup"):
         check(key, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     check("seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
-    check("clip", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf, "a positive number")
-    for key in ("lr", "weight_decay"):
+    for key in ("clip", "eps"):
+        check(key, lambda v: isinstance(v, (int, float)) and 0 < v < math.inf, "a positive number")
+    for key in ("lr", "weight_decay", "min_lr"):
         check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf, "a number >= 0")
+    for key in ("beta1", "beta2"):
+        check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+    for key, what in (("min_lr", "floor"), ("lr_decay_steps", "length")):
+        if getattr(args, key) is not None and not args.cosine:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} needs --cosine (it is the cosine's "
+                             f"{what})")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        resumed = args.resume and "min_lr" not in getattr(args, "changes", {})
+        raise ValueError(f"--min-lr {args.min_lr} must be at most --lr {args.lr}: the cosine decays from --lr "
+                         f"down to it{' (the resumed run saved this --min-lr: give another)' if resumed else ''}")
+    if args.lr_decay_steps is not None and args.lr_decay_steps <= args.warmup:
+        raise ValueError(f"--lr-decay-steps {args.lr_decay_steps} must be more than --warmup {args.warmup}: the "
+                         "cosine runs from the end of warmup to step --lr-decay-steps")
     check("drop_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
     check("start_context", lambda v: v.strip() != "", "some text (the samples continue it)")
     torch_only = [f"--{k.replace('_', '-')}" for k, v in torch_options(args).items()]
@@ -188,6 +251,18 @@ def check_device(backend: str, device: str | None) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: npgpt trains on cpu or cuda")
+
+
+def check_autocast(args) -> None:
+    """--autocast bf16 on the CPU only where torch has fast bf16 matrix products (device.cpu_bf16_missing)."""
+    if args.autocast != "bf16":
+        return
+    import torch
+    from ..torch_backend.device import cpu_bf16_missing
+    on_cpu = torch.device(args.device).type == "cpu" if args.device else not torch.cuda.is_available()
+    reason = on_cpu and cpu_bf16_missing()
+    if reason:
+        raise ValueError(f"--autocast bf16: {reason}")
 
 
 def check_out(out: Path, ckpt_path: Path, args) -> None:

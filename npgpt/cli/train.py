@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .run import RUN_DEFAULTS, check_device, check_out, resolve_run, torch_options
+from .run import RUN_DEFAULTS, check_autocast, check_device, check_out, resolve_run, torch_options
 
 __all__ = ["cmd_train"]
 
@@ -93,29 +93,51 @@ def _kept(ckpt_path) -> str:
 
 
 def _model(args, options):
-    """(model, optimizer, TrainState): resumed from --resume, else built from the preset and seed."""
+    """(model, optimizer, TrainState): resumed from --resume (with the optimizer settings the run
+    resolved), else built from the preset and seed."""
     import npgpt
-    from ..training.state import TrainState
+    from ..run_state import TrainState
     if not args.resume:
         overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
         cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
         numpy_options = {"kernels": args.kernels} if args.backend == "numpy" else {}
         model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device,
                                   **numpy_options, **options)
-        return model, npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay), TrainState()
+        opt = npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2),
+                          eps=args.eps, decay=args.decay)
+        return model, opt, TrainState()
     model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device, **options)
-    if opt is None:
-        raise ValueError(f"{args.resume}: holds no optimizer state, so training cannot resume from it")
     if model.backend == "numpy":
         model.kernels = args.kernels
     if args.drop_rate is not None and args.drop_rate != model.cfg.drop_rate:
         raise ValueError(f"--drop-rate {args.drop_rate}: {args.resume} was trained with "
                          f"{model.cfg.drop_rate}, and a resumed run keeps its model")
-    for key in ("lr", "weight_decay"):
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(opt, key))
-        setattr(opt, key, getattr(args, key))
+    opt.weight_decay, opt.betas, opt.eps = args.weight_decay, (args.beta1, args.beta2), args.eps
     return model, opt, state
+
+
+def _schedule(args, state, total_steps: int):
+    """The run's Schedule from its resolved options, into state: a new run's, or a resumed run's
+    (its saved one unless an option given with --resume changed it). The cosine's length is the
+    run's total_steps unless --lr-decay-steps gave it (or the resumed run saved it)."""
+    from ..run_state import Schedule
+    if args.cosine and args.lr_decay_steps is None:
+        args.lr_decay_steps = total_steps
+    saved = state.schedule
+    state.schedule = Schedule(peak_lr=args.lr, warmup_steps=args.warmup, cosine=args.cosine,
+                              decay_steps=args.lr_decay_steps, min_lr=args.min_lr,
+                              initial_lr=None if saved is None else saved.initial_lr)
+
+
+def _changes(args, step: int) -> str:
+    """The one line a resumed run prints when options given with --resume change its settings."""
+    def shown(key, value):
+        if key == "cosine":
+            return "on" if value else "off"
+        return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    changed = ", ".join(f"--{k.replace('_', '-')} {shown(k, new)} (saved: {shown(k, old)})"
+                        for k, (old, new) in args.changes.items())
+    return f"npgpt: resuming {args.resume} after step {step}: from step {step + 1} on, {changed}; the rest as saved"
 
 
 def _data(args, cfg, tok, ranks):
@@ -158,6 +180,7 @@ def cmd_train(args):
         ranks = Ranks(args.device)
         args.device = str(ranks.device)
     check_device(args.backend, args.device)
+    check_autocast(args)
     world_size = 1 if ranks is None else ranks.world_size
     if args.resume and args.world_size != world_size:
         raise ValueError(f"{args.resume} was trained by {args.world_size} processes (torchrun ranks), this run "
@@ -175,6 +198,9 @@ def cmd_train(args):
     args.max_length = args.max_length or cfg.context_length
     args.stride = args.stride or (None if args.max_steps else args.max_length)
     train_batches, val_batches, described = _data(args, cfg, tok, ranks)
+    _schedule(args, state, args.max_steps or args.epochs * len(train_batches))
+    if not state.schedule.scheduled:            # else the loop sets the lr of every step
+        opt.lr = args.lr
     if ranks is not None:
         ranks.wrap(model)
     run = {key: getattr(args, key) for key in RUN_DEFAULTS}
@@ -207,8 +233,11 @@ def cmd_train(args):
     if is_main:
         print(f"npgpt: {args.backend} backend, {npgpt.num_params(cfg):,} parameters, {described}"
               f"{f' on each of {world_size} processes' if ranks else ''}", file=sys.stderr)
-    common = dict(warmup_steps=args.warmup, cosine=args.cosine, clip_norm=args.clip, state=state, on_step=on_step,
-                  progress=not args.no_progress and is_main, print_fn=None if is_main else (lambda *_: None))
+        if args.changes:
+            print(_changes(args, state.global_step), file=sys.stderr)
+    # the schedule is state.schedule; clipping (--clip) acts on every step, warmup included
+    common = dict(clip_norm=args.clip, state=state, on_step=on_step, progress=not args.no_progress and is_main,
+                  print_fn=None if is_main else (lambda *_: None))
     try:
         with stop:
             if args.max_steps is not None:

@@ -1,9 +1,11 @@
 """Token shards on disk: llm.c's .bin format, written atomically and read memory-mapped.
 
 A shard is a header of 256 little-endian int32, [MAGIC, VERSION, n_tokens, 0, ...], then n_tokens
-little-endian uint16 token ids: the files llm.c's dev/data scripts write. A token folder holds
-<name>_val_NNNNNN.bin and <name>_train_NNNNNN.bin shards (npgpt prepare writes them, with a
-<name>_manifest.json beside), or nanoGPT's headerless uint16 train.bin and val.bin.
+little-endian uint16 token ids: the files llm.c's dev/data scripts write. A token folder holds one
+set of such files whose names say their split, whatever the rest of the name: <name>_val_NNNNNN.bin
+and <name>_train_NNNNNN.bin (npgpt prepare writes them, with a <name>_manifest.json beside; so does
+llm.c's fineweb.py), llm.c's tiny_shakespeare_val.bin and TinyStories_train.bin, ...; or nanoGPT's
+headerless uint16 train.bin and val.bin.
 
 TokenDir opens such a folder and maps every file with np.memmap: no file is read whole, a batch
 reads only the pages its windows touch. TrainBatches draws a step's windows from (seed, step) alone,
@@ -28,7 +30,11 @@ MAGIC, VERSION = 20240520, 1            # llm.c's magic number; version 1 holds 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_SHARD_TOKENS = 2**31 - 1            # the header's token count is an int32
-SHARD_RE = re.compile(r"(?P<name>.+)_(?P<split>train|val)_(?P<index>\d+)\.bin")
+SHARD_RE = re.compile(r"(?P<name>.+)_(?P<split>train|val)_(?P<index>\d+)\.bin")    # what npgpt prepare writes
+# What TokenDir reads: any *train*.bin or *val*.bin, the greedy prefix making the last word the split.
+SPLIT_RE = re.compile(r"(?P<prefix>.*)(?P<split>train|val)(?P<rest>.*)\.bin")
+RAW_NAMES = ("train.bin", "val.bin")    # nanoGPT's, headerless (an llm.c header makes them llm.c files)
+MAGIC_BYTES = MAGIC.to_bytes(4, "little")
 SPLITS = ("val", "train")
 
 
@@ -217,52 +223,90 @@ class ValBatches:
             yield window[:, :-1], window[:, 1:]                                         # (B, T) each
 
 
+def _natural(name: str) -> list:
+    """Sort key that orders the numbers in a file name by value: shard 2 before shard 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _has_header(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC_BYTES
+
+
+def _in_order(found: dict[str, list]) -> dict[str, list[Path]]:
+    """A set's files by split, numbers in their names ordered by value."""
+    return {s: sorted((p for _, p in found[s]), key=lambda p: _natural(p.name)) for s in SPLITS}
+
+
+def _listing(files, most: int = 3) -> str:
+    """The names of files, the first few of them: "a.bin, b.bin, c.bin and 5 more"."""
+    names = [p.name for p in files]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 class TokenDir:
-    """A folder of token shards, every file memory-mapped: llm.c's <name>_val_*.bin and
-    <name>_train_*.bin (name= picks one set where a folder holds several), or nanoGPT's train.bin
-    and val.bin. .val and .train are the uint16 token arrays in file order, .files their paths."""
+    """A folder of token files, every one memory-mapped: files in llm.c's format (the header)
+    whose names hold "train" or "val" (npgpt prepare's and fineweb's NAME_train_000001.bin, llm.c's
+    tiny_shakespeare_val.bin and TinyStories_train.bin, ...), or nanoGPT's headerless train.bin
+    and val.bin. A file's split is the last "train" or "val" in its name, its set the part of the
+    name before that (less a trailing "_", "-" or "."); a folder holds one set (name= picks one
+    where it holds several). .val and .train are the uint16 token arrays in file order (numbers
+    in the names by value), .files their paths."""
 
     def __init__(self, path: str | Path, name: str | None = None):
         self.path = path = Path(path)
         if not path.is_dir():
             raise ValueError(f"{path}: not a folder (expected a folder of token shards)")
-        sets: dict[str, dict[str, list]] = {}
-        for p in path.iterdir():
-            m = SHARD_RE.fullmatch(p.name)
-            if m and not p.name.startswith(".") and p.is_file():
-                sets.setdefault(m["name"], {s: [] for s in SPLITS})[m["split"]].append((int(m["index"]), p))
-        raw = [path / "val.bin", path / "train.bin"]
+        sets: dict[str, dict[str, list]] = {}        # set name -> split -> [(match, path)]
+        raw = {}                                     # nanoGPT's headerless files: split -> path
+        for p in sorted(path.iterdir()):
+            m = SPLIT_RE.fullmatch(p.name)
+            if not m or p.name.startswith(".") or not p.is_file():
+                continue
+            if p.name in RAW_NAMES and not _has_header(p):
+                raw[m["split"]] = p
+            else:
+                sets.setdefault(m["prefix"].rstrip("_-."), {s: [] for s in SPLITS})[m["split"]].append((m, p))
         if name is not None:
             if name not in sets:
                 raise ValueError(f"{path}: no {name}_val_*.bin or {name}_train_*.bin shards "
                                  f"(shard sets here: {sorted(sets) or 'none'})")
             sets = {name: sets[name]}
         elif len(sets) > 1:
-            raise ValueError(f"{path}: several sets of shards ({', '.join(sorted(sets))}); pass a name to pick one")
-        if not sets and not any(p.is_file() for p in raw):
-            raise ValueError(f"{path}: no token shards (expected <name>_val_NNNNNN.bin and "
-                             "<name>_train_NNNNNN.bin, as llm.c and npgpt prepare write them, "
-                             "or nanoGPT's train.bin and val.bin)")
+            described = "; ".join(f"{key or '(no name)'}: {_listing(sum(_in_order(found).values(), []))}"
+                                  for key, found in sorted(sets.items()))
+            raise ValueError(f"{path}: holds {len(sets)} sets of token files ({described}); keep one set per "
+                             "folder, or pass a name to pick one")
+        if not sets and not raw:
+            raise ValueError(f"{path}: no token shards (expected llm.c-format *train*.bin and *val*.bin files: "
+                             "npgpt prepare's and fineweb's NAME_train_000001.bin, llm.c's "
+                             "tiny_shakespeare_train.bin, ...; or nanoGPT's train.bin and val.bin)")
         if sets:
-            if name is None and any(p.is_file() for p in raw):
-                raise ValueError(f"{path}: holds both llm.c shards and nanoGPT's train.bin/val.bin; "
-                                 "keep one kind per folder")
+            if name is None and raw:
+                llmc = _listing(sum(_in_order(*sets.values()).values(), []))
+                nanogpt = _listing(raw[s] for s in ("train", "val") if s in raw)
+                raise ValueError(f"{path}: holds both llm.c-format files ({llmc}) and nanoGPT's headerless "
+                                 f"{nanogpt}; keep one kind per folder")
             (self.name, found), = sets.items()
             for split in SPLITS:
                 if not found[split]:
-                    raise ValueError(f"{path}: no {self.name}_{split}_*.bin shard; a token folder needs "
-                                     f"both a val and a train part")
+                    other, = {s for s in SPLITS if s != split}
+                    m = found[other][0][0]
+                    expected = f"{m['prefix']}{split}{re.sub(r'[0-9]+', '*', m['rest'])}.bin"
+                    raise ValueError(f"{path}: no {expected} shard; a token folder needs both a val and a "
+                                     f"train part (found {_listing(_in_order(found)[other])})")
             self.format = "llm.c"
-            self.files = {s: [p for _, p in sorted(found[s])] for s in SPLITS}
+            self.files = _in_order(found)
             self.val, self.train = ([read_shard(p) for p in self.files[s]] for s in SPLITS)
             self._check_manifest()
         else:
-            for p in raw:
-                if not p.is_file():
-                    raise ValueError(f"{p}: missing; nanoGPT's format needs both train.bin and val.bin")
+            for split in SPLITS:
+                if split not in raw:
+                    raise ValueError(f"{path / (split + '.bin')}: missing; nanoGPT's format needs both train.bin "
+                                     "and val.bin")
             self.name, self.format = None, "nanogpt"
-            self.files = {"val": [raw[0]], "train": [raw[1]]}
-            self.val, self.train = [read_raw_tokens(raw[0])], [read_raw_tokens(raw[1])]
+            self.files = {s: [raw[s]] for s in SPLITS}
+            self.val, self.train = [read_raw_tokens(raw["val"])], [read_raw_tokens(raw["train"])]
         for tokens in self.train:
             advise_random(tokens)
 

@@ -50,28 +50,29 @@ def adamw_update(p, g, m, v, tmp, lr, b1, b2, eps, t, decay_factor, decay_ranges
 class AdamW:
     """torch.optim.AdamW's update (decoupled weight decay, bias correction), by hand.
 
-    decay_all=True decays every parameter, as the book's torch.optim.AdamW(model.parameters(),
-    weight_decay=0.1) does; decay_all=False exempts biases, LayerNorm and embeddings.
-    On a model running the reference kernels, step() is reference.adamw_update on each tensor.
+    decay names the parameters weight decay applies to (params.decays): "all", as the book's
+    torch.optim.AdamW(model.parameters(), weight_decay=0.1) does, "matrices" (biases and LayerNorm
+    exempt) or "none". On a model running the reference kernels, step() is reference.adamw_update
+    on each tensor.
     """
 
-    def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
+    def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay="all"):
         self.model = model
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.step_count = 0
         self.exp_avg = np.zeros(model.flat_params.shape, model.flat_params.dtype)   # calloc: lazy pages
         self.exp_avg_sq = np.zeros(model.flat_params.shape, model.flat_params.dtype)
-        self.set_decay_all(decay_all)
+        self.set_decay(decay)
 
-    def set_decay_all(self, decay_all: bool) -> None:
+    def set_decay(self, decay: str) -> None:
         """Find, for every chunk, the ranges inside it whose parameters get weight decay."""
-        self.decay_all = decay_all
+        self.decay = decay
         decayed, offset = [], 0
         for name, shape in self.model.shapes.items():
             size = math.prod(shape)
-            if decayed and decayed[-1][1] == offset and (decay_all or decays(name)):
+            if decayed and decayed[-1][1] == offset and decays(name, decay):
                 decayed[-1] = (decayed[-1][0], offset + size)      # one range for neighbours
-            elif decay_all or decays(name):
+            elif decays(name, decay):
                 decayed.append((offset, offset + size))
             offset += size
         self._chunks = []
@@ -105,7 +106,7 @@ class AdamW:
         model, m_views, v_views = self.model, flat_views(self.exp_avg, self.model.shapes), \
             flat_views(self.exp_avg_sq, self.model.shapes)
         for name, p in model.p.items():
-            wd = self.weight_decay if self.decay_all or decays(name) else 0.0
+            wd = self.weight_decay if decays(name, self.decay) else 0.0
             p[...], m_views[name][...], v_views[name][...] = R.adamw_update(
                 p, model.g[name], m_views[name], v_views[name], self.step_count, self.lr, self.betas,
                 self.eps, wd)
@@ -121,7 +122,7 @@ class AdamW:
         """state() with the moments as views into the flat buffers, not copies: what a checkpoint
         writes, without a second copy of both moments (the next step changes them)."""
         return {"step": self.step_count, "lr": self.lr, "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay, "decay_all": self.decay_all,
+                "weight_decay": self.weight_decay, "decay": self.decay,
                 "exp_avg": flat_views(self.exp_avg, self.model.shapes),
                 "exp_avg_sq": flat_views(self.exp_avg_sq, self.model.shapes)}
 
@@ -131,7 +132,7 @@ class AdamW:
         self.step_count = int(state["step"])
         self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
         self.betas = tuple(float(b) for b in state["betas"])
-        self.set_decay_all(bool(state.get("decay_all", True)))
+        self.set_decay(state.get("decay", "all"))
         for key, flat in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             for name, view in flat_views(flat, self.model.shapes).items():
                 view[...] = state[key][name]

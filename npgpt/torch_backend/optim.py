@@ -27,8 +27,8 @@ def fused_supported(device_type: str, dtype: torch.dtype) -> bool:
     return True
 
 
-def make_adamw(model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
-    return TorchAdamW(model, lr, weight_decay, betas, eps, decay_all)
+def make_adamw(model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay="all"):
+    return TorchAdamW(model, lr, weight_decay, betas, eps, decay)
 
 
 class _GroupSetting:
@@ -53,18 +53,20 @@ class TorchAdamW:
     """torch.optim.AdamW with settable hyperparameters (.lr, .betas, .eps, .weight_decay) that
     apply to every parameter group, and NumPy-format state()/load_state()."""
 
-    def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay_all=True):
+    def __init__(self, model, lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, decay="all"):
         self.model = model
         self.step_count = 0
-        self._build(lr, weight_decay, betas, eps, decay_all)
+        self._build(lr, weight_decay, betas, eps, decay)
 
-    def _build(self, lr, weight_decay, betas, eps, decay_all):
-        """The parameter groups of the NumPy AdamW: one group, or decayed / exempt."""
+    def _build(self, lr, weight_decay, betas, eps, decay):
+        """The parameter groups of the NumPy AdamW (params.decays): the decayed parameters, then the
+        exempt ones at weight decay 0, leaving out a group that would be empty."""
         named = list(self.model.module.named_parameters())
-        groups = [{"params": [p for n, p in named if decay_all or decays(n)], "weight_decay": weight_decay}]
-        if not decay_all:
-            groups.append({"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0})
-        self.decay_all, self._weight_decay = bool(decay_all), float(weight_decay)
+        decayed = [p for n, p in named if decays(n, decay)]
+        exempt = [p for n, p in named if not decays(n, decay)]
+        groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decayed, float(weight_decay)), (exempt, 0.0))
+                  if ps]
+        self.decay, self._weight_decay, self._decayed_group = decay, float(weight_decay), bool(decayed)
         name_of = {id(p): n for n, p in named}
         self._names = [name_of[id(p)] for g in groups for p in g["params"]]   # state_dict's order
         p0 = named[0][1]
@@ -99,7 +101,8 @@ class TorchAdamW:
     @weight_decay.setter
     def weight_decay(self, value: float) -> None:
         self._weight_decay = float(value)
-        self.opt.param_groups[0]["weight_decay"] = self._weight_decay   # the exempt group keeps 0
+        if self._decayed_group:                                          # the first; the exempt one keeps 0
+            self.opt.param_groups[0]["weight_decay"] = self._weight_decay
 
     # ---- state in the NumPy optimizer's format ----
 
@@ -112,7 +115,7 @@ class TorchAdamW:
             for key, by_name in moments.items():
                 by_name[name] = to_numpy(s[key]) if s else np.zeros(p.shape, self.model.dtype)
         return {"step": self.step_count, "lr": self.lr, "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay, "decay_all": self.decay_all, **moments}
+                "weight_decay": self.weight_decay, "decay": self.decay, **moments}
 
     def load_state(self, state: dict) -> None:
         """Take a state() dict of either backend: rebuild the groups with its hyperparameters and
@@ -120,8 +123,7 @@ class TorchAdamW:
         its parameter's device and dtype (and the step counter where fused kernels want it)."""
         for key in ("exp_avg", "exp_avg_sq"):
             check_params(state[key], self.model.shapes)
-        self._build(state["lr"], state["weight_decay"], state["betas"], state["eps"],
-                    state.get("decay_all", True))
+        self._build(state["lr"], state["weight_decay"], state["betas"], state["eps"], state.get("decay", "all"))
         step = int(state["step"])
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
         saved = self.opt.state_dict()

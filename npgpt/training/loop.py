@@ -1,8 +1,9 @@
 """The chapter-5 training loop, written once against the backend interface.
 
 calc_loss_batch / calc_loss_loader / evaluate_model / train_model_simple follow the book; the
-keyword-only extras of train_model_simple add appendix D (linear warmup, cosine decay, gradient
-clipping), a progress bar, and the hooks the command line uses for checkpoints and resuming.
+keyword-only extras of train_model_simple add appendix D's linear warmup, cosine decay and gradient
+clipping (as the GPT-2 recipe runs them: see train_model_simple), a progress bar, and the hooks the
+command line uses for checkpoints and resuming.
 train_steps is the same step by steps over token shards, for corpora larger than memory.
 The loop talks to the model through the Backend interface only (npgpt/base.py): train_step,
 loss, train/eval, flops_per_token and peak_flops.
@@ -17,8 +18,8 @@ from tqdm.auto import tqdm
 from ..base import loss_value
 from ..sampling import generate
 from ..tokenizer import text_to_token_ids, token_ids_to_text
-from .schedule import warmup_cosine_lr
-from .state import TrainingDiverged, TrainState
+from ..run_state import Schedule, TrainingDiverged, TrainState
+from .schedule import scheduled_lr
 
 
 def calc_loss_batch(model, inputs, targets) -> float:
@@ -62,9 +63,23 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
 FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU
 
 
+def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps) -> Schedule:
+    """state.schedule, set first for a new run: from the keywords, its peak the optimizer's lr, the
+    cosine's length total_steps unless decay_steps is given and its floor peak / 10 unless min_lr is.
+    A resumed state keeps its own (replace state.schedule to change it)."""
+    if state.schedule is None:
+        if not cosine and (decay_steps is not None or min_lr is not None):
+            raise ValueError("decay_steps and min_lr shape the cosine decay: give cosine=True with them")
+        peak = optimizer.lr
+        state.schedule = Schedule(peak_lr=peak, warmup_steps=warmup_steps, initial_lr=initial_lr, cosine=cosine,
+                                  decay_steps=(total_steps if decay_steps is None else decay_steps) if cosine else None,
+                                  min_lr=(peak / 10 if min_lr is None else min_lr) if cosine else None)
+    return state.schedule
+
+
 class _Stepper:
-    """One optimizer step as both loops take it: the schedule's learning rate, clipping from the end of
-    warmup on, the step itself, the run's bookkeeping in state and the progress bar.
+    """One optimizer step as both loops take it: the schedule's learning rate, gradient clipping, the
+    step itself, the run's bookkeeping in state and the progress bar.
 
     Steps are taken with sync=False, so on a GPU the host queues step after step without waiting;
     flush() waits for the device, reads the pending losses back (a NaN or infinite one ends the run
@@ -72,13 +87,10 @@ class _Stepper:
     synchronous backend (the CPU) is flushed after every step, a GPU every FLUSH_EVERY steps and
     before every evaluation, sample, save and the end."""
 
-    def __init__(self, model, optimizer, state, total_steps, world_size, warmup_steps, cosine, clip_norm,
-                 initial_lr, min_lr, progress, print_fn):
-        if state.peak_lr is None:              # a resumed run keeps its schedule's peak, not the last lr
-            state.peak_lr = optimizer.lr
+    def __init__(self, model, optimizer, state, total_steps, world_size, clip_norm, clip_after_warmup, progress,
+                 print_fn):
         self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
-        self.schedule = (total_steps, warmup_steps, initial_lr, min_lr, cosine)
-        self.scheduled, self.clip_norm = warmup_steps > 0 or cosine, clip_norm
+        self.clip_norm, self.clip_after_warmup = clip_norm, clip_after_warmup
         self.flush_every = 1 if model.synchronous else FLUSH_EVERY
         self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
                         desc="train", unit="step", dynamic_ncols=True)
@@ -97,13 +109,13 @@ class _Stepper:
         """Queue one batch's step as step global_step + 1; where names it in an error ("epoch 3")."""
         state, model, optimizer = self.state, self.model, self.optimizer
         step = state.global_step + 1
-        total_steps, warmup_steps, initial_lr, min_lr, cosine = self.schedule
-        if self.scheduled:
-            optimizer.lr = warmup_cosine_lr(step, state.peak_lr, total_steps, warmup_steps, initial_lr, min_lr,
-                                            cosine)
+        schedule = state.schedule
+        if schedule.scheduled:                 # a constant lr is the optimizer's own, as in the book's loop
+            optimizer.lr = scheduled_lr(schedule, step)
+        unclipped = self.clip_after_warmup and step < schedule.warmup_steps        # appendix D's warmup
         try:
-            loss = model.train_step(inputs, targets, optimizer,
-                                    clip_norm=self.clip_norm if step >= warmup_steps else None, sync=False)
+            loss = model.train_step(inputs, targets, optimizer, clip_norm=None if unclipped else self.clip_norm,
+                                    sync=False)
         except FloatingPointError as e:
             raise TrainingDiverged(f"step {step} ({where}): {e}") from None
         tokens = int(np.size(inputs)) * self.world_size                    # over every rank
@@ -151,23 +163,31 @@ class _Stepper:
 
 def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
                        start_context, tokenizer, *, warmup_steps=0, cosine=False, clip_norm=None,
-                       initial_lr=3e-5, min_lr=1e-6, state=None, on_step=None, on_epoch_end=None,
-                       progress=True, print_fn=None):
+                       initial_lr=None, min_lr=None, decay_steps=None, clip_after_warmup=False, state=None,
+                       on_step=None, on_epoch_end=None, progress=True, print_fn=None):
     """Train for num_epochs over train_loader, evaluating every eval_freq steps and printing a sample
     after each epoch. Returns (train_losses, val_losses, tokens_seen) as the book's function does.
 
     Without warmup_steps, cosine or clip_norm this is the book's loop exactly (constant lr).
-    With them it is appendix D's: the lr is set before each step and gradients are clipped on
-    every step from the end of warmup on. state (a TrainState) resumes an interrupted run;
-    on_step(state) is called once the steps so far are done and read back (after every step on the
-    CPU, every FLUSH_EVERY steps and at evaluations and epoch ends on a GPU), on_epoch_end(state)
-    after each epoch: checkpoints are saved from these.
+    With them it is appendix D's as the GPT-2 recipe runs it (training/schedule.py): the lr is set
+    before each step, warming up from near zero (initial_lr=None: peak·(s+1)/(warmup_steps+1), the
+    peak being the optimizer's lr) and decaying along a cosine to min_lr (None: peak / 10) at step
+    decay_steps (None: the run's last, num_epochs * len(train_loader)); the gradients' global norm
+    is clipped to clip_norm on every step, from the first. Appendix D itself is initial_lr=3e-5,
+    min_lr=1e-6, clip_after_warmup=True (no clipping during warmup).
+
+    state (a TrainState) resumes an interrupted run, and its schedule with it: the schedule
+    keywords only set the schedule of a new state. on_step(state) is called once the steps so far
+    are done and read back (after every step on the CPU, every FLUSH_EVERY steps and at evaluations
+    and epoch ends on a GPU), on_epoch_end(state) after each epoch: checkpoints are saved from these.
     """
     state = state or TrainState()
     steps_per_epoch = len(train_loader)
     world_size = getattr(train_loader, "world_size", 1)                # torchrun's processes
-    step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, warmup_steps,
-                         cosine, clip_norm, initial_lr, min_lr, progress, print_fn)
+    run_schedule(state, optimizer, num_epochs * steps_per_epoch, warmup_steps, cosine, initial_lr, min_lr,
+                 decay_steps)
+    step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, clip_norm,
+                         clip_after_warmup, progress, print_fn)
     try:
         for epoch in range(state.epoch, num_epochs):
             state.epoch = epoch
@@ -194,17 +214,19 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
 
 
 def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_every, start_context, tokenizer,
-                *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=3e-5, min_lr=1e-6, state=None,
-                on_step=None, progress=True, print_fn=None):
+                *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=None, min_lr=None, decay_steps=None,
+                clip_after_warmup=False, state=None, on_step=None, progress=True, print_fn=None):
     """Train by steps on a corpus of token shards: step s trains on train_batches.batch(s), which
     depends on (seed, s) alone, so a resumed run (state) takes the same batches as one that never
-    stopped, and a larger max_steps continues it. Every eval_every steps (and at the last) it
-    prints the mean training loss of the steps since the last report and the loss over
-    val_batches (dropout off), then a greedy sample; the schedule runs over max_steps.
+    stopped, and a larger max_steps continues it (on its saved schedule: at min_lr past its
+    decay_steps). Every eval_every steps (and at the last) it prints the mean training loss of the
+    steps since the last report and the loss over val_batches (dropout off), then a greedy sample.
+    The schedule and clipping keywords are train_model_simple's; decay_steps defaults to max_steps.
     """
     state = state or TrainState()
-    step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, warmup_steps, cosine,
-                         clip_norm, initial_lr, min_lr, progress, print_fn)
+    run_schedule(state, optimizer, max_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps)
+    step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, clip_norm, clip_after_warmup,
+                         progress, print_fn)
     recent = []
     try:
         model.train()

@@ -3,10 +3,11 @@
 Layout:
   /                attrs: format, version, config (JSON), dtype, backend, checksum
   /params/NAME     one dataset per parameter (GPT-2 names, (out, in) layout), attr crc32
-  /optimizer       attrs: step, lr, betas, eps, weight_decay, decay_all
+  /optimizer       attrs: step, lr, betas, eps, weight_decay, decay ("all", "matrices" or "none")
   /optimizer/exp_avg/NAME, /optimizer/exp_avg_sq/NAME
   /train_state     attrs: epoch, global_step, tokens_seen, rng (JSON; backend-specific),
-                          run (JSON: the command line's data and schedule settings, if any)
+                          schedule (JSON: run_state.Schedule, once a training loop has run),
+                          run (JSON: the command line's settings, if any)
                    datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs
 A file is written to a temporary name beside the target (.NAME.*.tmp), flushed, fsynced and
 renamed over it, so a crash leaves either the old checkpoint or the new one, never half of one.
@@ -17,6 +18,11 @@ Nothing read is trusted: each tensor's crc32 covers its data, and the root's che
 covers everything else (every attribute, every dataset's name, shape and dtype, the train_state
 lists), so a damaged file is refused, never loaded with other values. Every failure to read a
 file is a ValueError (CheckpointError) that names it; a missing file a FileNotFoundError.
+
+Files of versions 1 and 2 load: their optimizer's decay_all=True reads as decay "all", False (which
+exempted the embeddings too) as "matrices"; they saved the schedule's peak only (peak_lr), which is
+not read, so a run resumed from one takes its schedule from the command line (or the loop's
+keywords) anew.
 """
 from __future__ import annotations
 
@@ -30,12 +36,12 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..files import atomic_write
-from ..params import check_params, param_shapes
-from ..training.state import TrainState
+from ..params import DECAY_GROUPS, check_params, param_shapes
+from ..run_state import Schedule, TrainState
 from .lazy import LazyParam
 
 FORMAT = "npgpt-checkpoint"
-VERSION = 2                 # 2 added the root checksum; version 1 files (tensor crc32s only) still load
+VERSION = 3                 # 2 added the root checksum, 3 the schedule and the optimizer's decay groups by name
 _TENSOR_GROUPS = ("params/", "optimizer/exp_avg/", "optimizer/exp_avg_sq/")     # data under their own crc32
 _STATE_LISTS = ("train_losses", "val_losses", "track_tokens_seen", "track_steps", "lrs")
 
@@ -144,15 +150,15 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                 g = f.create_group("optimizer")
                 g.attrs.update(step=opt_state["step"], lr=opt_state["lr"], betas=np.asarray(opt_state["betas"]),
                                eps=opt_state["eps"], weight_decay=opt_state["weight_decay"],
-                               decay_all=opt_state["decay_all"])
+                               decay=_fixed(opt_state["decay"]))
                 _write_tensors(g.create_group("exp_avg"), opt_state["exp_avg"])
                 _write_tensors(g.create_group("exp_avg_sq"), opt_state["exp_avg_sq"])
             t = f.create_group("train_state")
             t.attrs.update(epoch=state.epoch, global_step=state.global_step, tokens_seen=state.tokens_seen,
                            rng=_fixed(json.dumps({"backend": model.backend, "state": model.rng_state()})),
                            run=_fixed(json.dumps(run or {})))
-            if state.peak_lr is not None:
-                t.attrs["peak_lr"] = float(state.peak_lr)
+            if state.schedule is not None:
+                t.attrs["schedule"] = _fixed(json.dumps(state.schedule.to_dict()))
             for name in _STATE_LISTS:
                 t.create_dataset(name, data=np.asarray(getattr(state, name), dtype=np.float64))
             f.attrs["checksum"] = _digest(f)
@@ -210,8 +216,11 @@ def _contents(f: h5py.File, path: Path) -> dict:
     groups = {"params": out["params"]}
     if "optimizer" in f:
         g = f["optimizer"]
-        out["optimizer"] = {key: g.attrs[key].tolist() for key in
-                            ("step", "lr", "betas", "eps", "weight_decay", "decay_all")}
+        out["optimizer"] = {key: g.attrs[key].tolist() for key in ("step", "lr", "betas", "eps", "weight_decay")}
+        decay = _text(g.attrs["decay"]) if "decay" in g.attrs else "all" if bool(g.attrs["decay_all"]) else "matrices"
+        if decay not in DECAY_GROUPS:
+            raise CheckpointError(f"{path}: optimizer decay {decay!r}; expected one of {DECAY_GROUPS}")
+        out["optimizer"]["decay"] = decay
         for key in ("exp_avg", "exp_avg_sq"):
             groups[f"optimizer/{key}"] = out["optimizer"][key] = _lazy_tensors(g[key], f"optimizer/{key}")
     shapes = param_shapes(cfg)
@@ -225,9 +234,12 @@ def _contents(f: h5py.File, path: Path) -> dict:
                 raise CheckpointError(f"{path}: {where}/{name} holds {p.dtype}; the checkpoint's dtype is {dtype}, "
                                       "and npgpt writes every tensor in it")
     t = f["train_state"]
+    try:
+        schedule = Schedule.from_dict(json.loads(_text(t.attrs["schedule"]))) if "schedule" in t.attrs else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its train_state's schedule is not valid ({e})") from None
     state = TrainState(epoch=int(t.attrs["epoch"]), global_step=int(t.attrs["global_step"]),
-                       tokens_seen=int(t.attrs["tokens_seen"]),
-                       peak_lr=float(t.attrs["peak_lr"]) if "peak_lr" in t.attrs else None)
+                       tokens_seen=int(t.attrs["tokens_seen"]), schedule=schedule)
     for name in _STATE_LISTS:
         values = t[name][()].tolist()
         setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
@@ -269,7 +281,7 @@ def load_checkpoint(path, backend="numpy", dtype=None, device=None, **torch_opti
             o = ckpt["optimizer"]
             try:
                 optimizer = AdamW(model, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
-                                  eps=o["eps"], decay_all=bool(o["decay_all"]))
+                                  eps=o["eps"], decay=o["decay"])
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: its optimizer settings are not valid ({e})") from None
             optimizer.load_state(o)

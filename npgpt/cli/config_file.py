@@ -1,0 +1,64 @@
+"""`npgpt train --config FILE.toml`: a run's options in a file, as nanoGPT's config/*.py files hold
+its runs. configs/ in the repository has the book's run, a CPU-sized one and GPT-2's recipe.
+
+The file holds any `npgpt train` option under its flag's name, without the leading dashes:
+    preset = "gpt2-small"
+    max-steps = 19073
+    lr = 6e-4
+    cosine = true           # a flag that takes no value: true or false
+Options given on the command line override the file's. A key that is no option of `npgpt train`,
+or a value of the wrong type, is refused in one line naming the key and the file.
+"""
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+NOT_IN_FILES = ("config", "help")
+
+
+def add_argument(parser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="read options from a TOML file, each under its flag's name (e.g. max-steps = 1000); "
+                             "flags given here override it (examples: configs/ in the repository)")
+
+
+def load_config(path, parser: argparse.ArgumentParser) -> dict:
+    """The file's options as {dest: value}, for parser.set_defaults; ValueError naming the file and the key."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--config {path}: not a readable TOML file ({e})") from None
+    actions = {option[2:]: action for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option[2:] not in NOT_IN_FILES}
+    values = {}
+    for key, value in data.items():
+        action = actions.get(key)
+        if action is None:
+            hint = f" (write it {key.replace('_', '-')!r})" if key.replace("_", "-") in actions else ""
+            raise ValueError(f"{path}: {key!r} is no option of npgpt train{hint}")
+        values[action.dest] = check_value(path, key, action, value)
+    return values
+
+
+def check_value(path, key: str, action: argparse.Action, value):
+    """value as the command line would have given it, or a ValueError naming the key and what it needs."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):     # a flag: true or false
+        ok, expected = isinstance(value, bool), "true or false"
+        if ok and isinstance(action, argparse._StoreConstAction):      # store_true: its const, or not given
+            value = action.const if value else action.default
+    elif action.type is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif action.type is float:
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    if ok and action.choices is not None and value not in action.choices:
+        ok, expected = False, "one of " + ", ".join(map(repr, action.choices))
+    if not ok:
+        raise ValueError(f"{path}: {key} must be {expected}, got {value!r}")
+    return value

@@ -1,0 +1,162 @@
+"""HellaSwag, completion style: the downstream score llm.c and the GPT-2 reproduction report beside
+the val loss, computed once against the backend interface (model.logits), so both backends give it.
+
+An example is a context and four endings, one of them right (its label). Each ending is scored by
+the cross-entropy of its tokens given the context, as llm.c's dev/data/hellaswag.py does: a row is
+encode(ctx) + encode(" " + ending) (GPT-2's tokens for a word carry the space before it; encoded
+with encode_ordinary, so a literal <|endoftext|> stays text), and only the ending's tokens count. acc: the right ending has the lowest SUM of its token losses; acc_norm:
+the lowest MEAN per token (which does not favour short endings). The four rows of an example go
+through the model as one batch, padded on the right to the longest: the padding comes after every
+scored token, so causal attention never sees it, and the mask leaves it out of the sums.
+
+The file is the dataset's own jsonl (hellaswag_val.jsonl: 10,042 examples), one JSON object a line
+with "ctx" (a string), "endings" (4 strings) and "label" (0-3); other keys are ignored.
+
+Shape letters: E endings (4), L tokens of the longest row, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data.sources import _json_type
+
+N_ENDINGS = 4
+
+
+def _check_example(example, where: str) -> dict:
+    """example, checked to hold a string "ctx", four string "endings" and an int "label" 0-3."""
+    if not isinstance(example, dict):
+        raise ValueError(f"{where}: expected a JSON object with \"ctx\", \"endings\" and \"label\", "
+                         f"got {_json_type(example)}")
+    for key in ("ctx", "endings", "label"):
+        if key not in example:
+            hint = " (hellaswag_test.jsonl has no labels: use hellaswag_val.jsonl)" if key == "label" else ""
+            raise ValueError(f"{where}: no \"{key}\" field (fields: {', '.join(list(example)[:8])}){hint}")
+    ctx, endings, label = example["ctx"], example["endings"], example["label"]
+    if not isinstance(ctx, str):
+        raise ValueError(f"{where}: \"ctx\" is {_json_type(ctx)}, expected a string")
+    if not ctx:
+        raise ValueError(f"{where}: \"ctx\" is empty; the first token of an ending needs a context")
+    if not isinstance(endings, list):
+        raise ValueError(f"{where}: \"endings\" is {_json_type(endings)}, expected an array of "
+                         f"{N_ENDINGS} strings")
+    if len(endings) != N_ENDINGS:
+        raise ValueError(f"{where}: \"endings\" has {len(endings)} items, expected {N_ENDINGS}")
+    for i, ending in enumerate(endings):
+        if not isinstance(ending, str):
+            raise ValueError(f"{where}: \"endings\" item {i} is {_json_type(ending)}, expected a string")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
+        raise ValueError(f"{where}: \"label\" is {json.dumps(label)}, expected 0, 1, 2 or 3")
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+def load_examples(path: str | os.PathLike) -> list[dict]:
+    """Every example of a HellaSwag jsonl file, checked: [{"ctx", "endings", "label", "where"}, ...]
+    ("where": the file and line, for later messages). Blank lines are skipped; anything else wrong
+    is a ValueError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        examples.append({**_check_example(example, where), "where": where})
+    if not examples:
+        raise ValueError(f"{path}: no examples (expected one JSON object a line with \"ctx\", \"endings\" "
+                         "and \"label\")")
+    return examples
+
+
+def render(example: dict, tokenizer, context_length: int, where: str = "example"):
+    """(tokens (E, L) int64, mask (E, L) bool): row e is the context's tokens then ending e's,
+    zero-padded on the right; mask marks ending e's tokens.
+
+    A context too long for the model is cut from the left, the same for all four rows: it keeps
+    its last context_length + 1 - (longest ending) tokens, so that each row's inputs (all but its
+    last token) fit in context_length and every ending token is scored given the same context.
+    An ending that leaves no room for a single context token is a ValueError."""
+    ctx = tokenizer.encode_ordinary(example["ctx"])
+    ends = [tokenizer.encode_ordinary(" " + ending) for ending in example["endings"]]
+    longest = max(len(e) for e in ends)
+    if longest > context_length:
+        raise ValueError(f"{where}: an ending of {longest} tokens leaves no context in the model's "
+                         f"context_length of {context_length}")
+    ctx = ctx[-(context_length + 1 - longest):]
+    rows = [ctx + end for end in ends]
+    tokens = np.zeros((N_ENDINGS, len(ctx) + longest), dtype=np.int64)      # (E, L)
+    mask = np.zeros(tokens.shape, dtype=bool)                               # (E, L)
+    for e, (row, end) in enumerate(zip(rows, ends)):
+        tokens[e, :len(row)] = row
+        mask[e, len(ctx):len(row)] = True
+    return tokens, mask
+
+
+def ending_losses(model, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, mean) of each row's token losses over its masked tokens: (E,), (E,) float64.
+    Token t is predicted by the logits at t - 1; only the masked positions' logits are turned
+    into log-probabilities, in float64 (E x L x V in float64 would be 160 MB for GPT-2)."""
+    logits = model.logits(tokens[:, :-1])                          # (E, L-1, V)
+    targets, scored = tokens[:, 1:], mask[:, 1:]                   # (E, L-1) each
+    rows, cols = np.nonzero(scored)                                # one entry per scored token
+    picked = np.asarray(logits[rows, cols], dtype=np.float64)      # (n, V)
+    top = picked.max(axis=1)
+    logsumexp = top + np.log(np.exp(picked - top[:, None]).sum(axis=1))
+    losses = logsumexp - picked[np.arange(len(rows)), targets[rows, cols]]      # (n,)
+    sums = np.bincount(rows, weights=losses, minlength=len(tokens))             # (E,)
+    return sums, sums / scored.sum(axis=1)
+
+
+def hellaswag(model, path_or_examples, tokenizer, limit: int | None = None, rank: int = 0,
+              world_size: int = 1, progress: bool = False) -> dict:
+    """HellaSwag accuracy of model: {"n", "correct", "correct_norm", "acc", "acc_norm"}.
+
+    path_or_examples: a jsonl file (see load_examples) or a list of example dicts (load the file
+    once with load_examples when evaluating it again and again, as a training run does).
+    limit: only the first limit examples. rank, world_size: this process scores examples
+    rank, rank + W, ... of them, and n and the counts are its own; summed over the ranks they are
+    those of one process. The model is in eval mode (no dropout) while scoring, and is put back
+    in training mode afterwards if it was. Contexts too long for the model are cut from the left
+    (see render)."""
+    if isinstance(path_or_examples, (str, os.PathLike)):
+        examples = load_examples(path_or_examples)
+    else:
+        examples = []
+        for i, ex in enumerate(path_or_examples):
+            where = ex.get("where", f"example {i}") if isinstance(ex, dict) else f"example {i}"
+            examples.append({**_check_example(ex, where), "where": where})
+        if not examples:
+            raise ValueError("hellaswag: no examples given")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        examples = examples[:limit]
+    mine = range(rank, len(examples), world_size)
+    was_training, correct, correct_norm = model.training, 0, 0
+    model.eval()
+    try:
+        for i in tqdm(mine, desc="hellaswag", unit="example", disable=not progress, mininterval=1.0):
+            tokens, mask = render(examples[i], tokenizer, model.cfg.context_length, examples[i]["where"])
+            sums, means = ending_losses(model, tokens, mask)
+            correct += int(sums.argmin() == examples[i]["label"])
+            correct_norm += int(means.argmin() == examples[i]["label"])
+    finally:
+        if was_training:
+            model.train()
+    n = len(mine)
+    return {"n": n, "correct": correct, "correct_norm": correct_norm,
+            "acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan")}

@@ -1,0 +1,71 @@
+"""What a training run carries across a restart: its progress (TrainState) and its learning-rate
+schedule (Schedule), both saved in the checkpoint's train_state group. A bottom module: the loop
+(training/) and the checkpoint (weights/) import it, and it imports neither."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the parameters were not updated with it."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every step, fixed when a run starts and saved with it, so a resumed run
+    follows the same curve whatever its new length (training/schedule.py computes it)."""
+    peak_lr: float                    # the lr after warmup (and the whole run's, without warmup or cosine)
+    warmup_steps: int = 0             # steps 0 .. warmup_steps - 1 ramp up linearly
+    initial_lr: float | None = None   # warmup's start: None for nanoGPT's peak·(s+1)/(warmup+1), else
+                                      # appendix D's line from initial_lr
+    cosine: bool = False              # after warmup, half a cosine from peak_lr down to min_lr
+    decay_steps: int | None = None    # cosine: the step at which it reaches min_lr, which holds after it
+    min_lr: float | None = None       # cosine: its floor
+
+    def __post_init__(self):
+        def number(key, value, ok=math.isfinite, expected="a finite number >= 0"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and ok(value)):
+                raise ValueError(f"Schedule.{key} must be {expected}, got {value!r}")
+        number("peak_lr", self.peak_lr)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"Schedule.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.initial_lr is not None:
+            number("initial_lr", self.initial_lr)
+        if not isinstance(self.cosine, bool):
+            raise ValueError(f"Schedule.cosine must be True or False, got {self.cosine!r}")
+        if self.cosine:
+            if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or self.decay_steps < 1:
+                raise ValueError(f"Schedule.decay_steps must be a positive integer with cosine, got "
+                                 f"{self.decay_steps!r}")
+            number("min_lr", self.min_lr, lambda v: v <= self.peak_lr, f"a number in [0, peak_lr {self.peak_lr}]")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the lr changes from step to step (else the loop leaves the optimizer's lr alone)."""
+        return self.warmup_steps > 0 or self.cosine
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown Schedule fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to carry on after a restart."""
+    epoch: int = 0               # epoch in progress (0-based)
+    global_step: int = -1        # last completed optimizer step (the book starts at -1)
+    tokens_seen: int = 0
+    train_losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    track_tokens_seen: list = field(default_factory=list)
+    track_steps: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    schedule: Schedule | None = None   # set when the run starts (training/loop.py), followed after a resume
+    step_seconds: float = 0.0    # time inside train_step in this process (not saved: a speed figure)
