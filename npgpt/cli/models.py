@@ -24,8 +24,8 @@ def add_parsers(sub):
     e.add_argument("--hellaswag", metavar="FILE", help="HellaSwag jsonl (hellaswag_val.jsonl): acc and acc_norm")
     e.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples")
     e.add_argument("--batch-size", type=int, default=2)
-    e.add_argument("--max-length", type=int, default=256, help="tokens per window, also the stride "
-                   "(default: 256, the book's exercise 5.5)")
+    e.add_argument("--max-length", type=int, help="tokens per window, also the stride (default: a --checkpoint's "
+                   "context length; 256 with --pretrained, the book's exercise 5.5)")
     c = sub.add_parser("convert", help="convert weights between formats")
     c.add_argument("input", metavar="IN", help="an OpenAI GPT-2 folder, a Hugging Face folder or .safetensors, "
                                                "a book .pth, an npgpt .h5")
@@ -42,7 +42,8 @@ def _model_source(p):
     src.add_argument("--pretrained", metavar="PATH", help="weights: an OpenAI GPT-2 folder, a Hugging Face "
                                                          "folder or .safetensors, a book .pth, an npgpt .h5")
     p.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
-    p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
+    p.add_argument("--backend", choices=("numpy", "torch"), help="default: the backend that trained a --checkpoint, "
+                                                                   "else numpy")
     p.add_argument("--device")
 
 
@@ -52,10 +53,15 @@ def _load_model(args):
     import npgpt
     from ..weights.pretrained import load_tokenizer
     if args.pretrained:
+        args.backend = args.backend or "numpy"
         model = npgpt.load_pretrained(args.pretrained, backend=args.backend, device=args.device,
                                       n_heads=args.n_heads)
         tok = load_tokenizer(args.pretrained)
     else:
+        if args.backend is None:
+            from ..weights.checkpoint import open_checkpoint
+            with open_checkpoint(args.checkpoint) as ckpt:
+                args.backend = ckpt["run"].get("backend", ckpt["rng"].get("backend", "numpy"))
         model, _, _ = npgpt.load_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
         tok = npgpt.get_tokenizer()
     if tok.n_vocab > model.cfg.vocab_size:
@@ -90,7 +96,8 @@ def cmd_eval(args):
     examples = None if args.hellaswag is None else load_examples(args.hellaswag)   # bad input before the load
     model, tok = _load_model(args)
     if args.data is not None or examples is None:
-        max_length = min(args.max_length, model.cfg.context_length)
+        default = 256 if args.pretrained else model.cfg.context_length
+        max_length = min(args.max_length or default, model.cfg.context_length)
         if args.data is not None and os.path.isdir(args.data):           # token shards: every val window
             from ..data.shards import TokenDir
             parts = [("val", TokenDir(args.data).val_batches(args.batch_size, max_length))]
@@ -98,6 +105,8 @@ def cmd_eval(args):
             parts = zip(("train", "val"), npgpt.make_loaders(npgpt.load_corpus(args.data), tok,
                                                              batch_size=args.batch_size, max_length=max_length,
                                                              stride=max_length))
+        print(f"npgpt eval: {args.pretrained or args.checkpoint} on the {model.backend} backend, windows of "
+              f"{max_length} tokens (stride {max_length}), batch {args.batch_size}", file=sys.stderr)
         for name, loader in parts:
             loss = npgpt.calc_loss_loader(model, loader)
             print(f"{name} loss {loss:.4f}  perplexity {math.exp(loss):.2f}")

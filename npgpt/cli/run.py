@@ -2,6 +2,7 @@
 made before a model is built or a step is taken."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -13,15 +14,23 @@ from pathlib import Path
 # defaults are the book's chapter-5 run: AdamW(lr 5e-4, weight decay 0.1 on every parameter, betas
 # (0.9, 0.999)), a constant lr, no clipping. min_lr and lr_decay_steps are resolved when the run
 # starts (--lr / 10, the run's steps), and only with --cosine.
-RUN_DEFAULTS = {"data": None, "data_sha256": None, "epochs": 10, "max_steps": None, "batch_size": 2,
+RUN_DEFAULTS = {"backend": "numpy", "init_from": None, "data": None, "data_sha256": None, "epochs": 10, "max_steps": None, "batch_size": 2,
                 "max_length": None, "stride": None, "seed": 123, "lr": 5e-4, "weight_decay": 0.1,
                 "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": "all",
                 "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "min_lr": None,
                 "lr_decay_steps": None, "clip": None, "save_every": 0, "start_context": "Every effort moves you",
+                "autocast": None, "compile": False, "grad_accum": 1,
                 "world_size": 1}    # torchrun's processes, each with its own --batch-size windows a step
-SAME_BATCHES = ("data_sha256", "batch_size", "max_length", "stride", "seed")
+SAME_BATCHES = ("data_sha256", "max_length", "stride", "seed")      # and the global batch: world_size x batch_size
 # given with --resume, these apply from the next step (cmd_train prints which); --decay is refused
-CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "cosine", "min_lr", "lr_decay_steps", "clip")
+CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "cosine", "min_lr", "lr_decay_steps", "clip",
+              "backend", "autocast", "compile", "grad_accum")
+# the model's shape: flag -> GPTConfig field; each overrides the preset's (a resumed or --init-from run's shape is
+# its weights')
+SHAPE_FLAGS = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "emb_dim", "context_length": "context_length",
+               "vocab_size": "vocab_size", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights",
+               "drop_rate": "drop_rate"}
+TOKENIZER_VOCAB = 50257                 # GPT-2's BPE: the ids the data and the samples use
 TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every")
 MAX_SEED = 2**63 - 1                                   # what every RNG involved (NumPy's, torch's) accepts
 
@@ -29,7 +38,7 @@ MAX_SEED = 2**63 - 1                                   # what every RNG involved
 def add_parser(sub):
     p = sub.add_parser("train", help="pretrain on a text file (default: The Verdict) or a folder of token shards")
     d = RUN_DEFAULTS
-    p.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
+    p.add_argument("--backend", choices=("numpy", "torch"), help="default: numpy, or the --resume checkpoint's")
     p.add_argument("--kernels", choices=("fast", "reference"), default="fast",
                    help="numpy: the layers to run, fast (layers.py, the default) or reference (reference.py, "
                         "the textbook form: slower, the same math)")
@@ -37,7 +46,25 @@ def add_parser(sub):
                                                  "of token shards (npgpt prepare, llm.c, nanoGPT's train.bin)")
     p.add_argument("--preset", help="model size (book-124m, gpt2-small, ..., tiny; default: book-124m, "
                                     "or the --resume checkpoint's)")
-    p.add_argument("--drop-rate", type=float, help="dropout rate (default: the preset's)")
+    shape = p.add_argument_group("the model's shape", "each overrides the --preset's; a resumed run keeps its "
+                                 "model's and --init-from takes the weights' (a different value is refused)")
+    shape.add_argument("--n-layer", type=int, metavar="L", help="transformer blocks")
+    shape.add_argument("--n-head", type=int, metavar="NH", help="attention heads (they divide --n-embd)")
+    shape.add_argument("--n-embd", type=int, metavar="C", help="width of the residual stream")
+    shape.add_argument("--context-length", type=int, metavar="T", help="positions the model covers")
+    shape.add_argument("--vocab-size", type=int, metavar="V",
+                       help=f"token embeddings, at least GPT-2's {TOKENIZER_VOCAB:,} (50304, a multiple of 64, "
+                            "runs faster on a GPU; the padded rows are never targets)")
+    shape.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction,
+                       help="a bias in the query/key/value projection (GPT-2's; not the book's 124M)")
+    shape.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
+                       help="the output head shares the token embedding (GPT-2's; not the book's 124M)")
+    shape.add_argument("--drop-rate", type=float, help="dropout rate (default: the preset's, or the --init-from "
+                                                       "weights' file's, else 0.1)")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from pretrained weights (an OpenAI GPT-2 folder, a Hugging Face folder or "
+                        ".safetensors, a book .pth, an npgpt .h5) with a new optimizer and schedule; the shape "
+                        "is the weights'")
     p.add_argument("--epochs", type=int, help=f"text: total epochs of the run (default: {d['epochs']})")
     p.add_argument("--max-steps", type=int, help="shards: total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, help=f"default: {d['batch_size']}")
@@ -80,10 +107,14 @@ def add_parser(sub):
                    help="continue the run saved in a checkpoint, with its settings and schedule; the optimizer "
                         "and schedule options given with it apply from the next step, and the run says so")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
-    p.add_argument("--autocast", choices=("bf16",), help="torch: bf16 autocast (CUDA, or a CPU with bf16)")
-    p.add_argument("--compile", action="store_true", help="torch: torch.compile the training step")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
-                   help="torch: run each batch as K micro-batches (same gradients, less memory)")
+    p.add_argument("--autocast", choices=("bf16", "none"),
+                   help="torch: bf16 autocast (CUDA, or a CPU with bf16); none turns a resumed run's off "
+                        "(default: none, or the --resume checkpoint's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch: torch.compile the training step (default: off, or the --resume checkpoint's)")
+    p.add_argument("--grad-accum", type=int, metavar="K",
+                   help="torch: run each batch as K micro-batches, evaluation too (same gradients, less memory; "
+                        "default: 1, or the --resume checkpoint's)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default: float32, or the --resume "
                                                                   "checkpoint's")
     p.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {d['seed']})")
@@ -110,27 +141,28 @@ def data_fingerprint(path: str | None) -> str:
 
 def resolve_run(args) -> None:
     """Fill the run settings not given: from the resumed checkpoint's, else RUN_DEFAULTS (a checkpoint
-    saved without them keeps its optimizer's lr and weight decay); then check them all."""
-    from ..config import GPTConfig
+    saved without them keeps its optimizer's lr and weight decay); resolve the model's shape into
+    args.cfg; then check them all."""
     from ..weights.checkpoint import open_checkpoint
-    for key in ("preset", "out", "data", "resume", "device"):
+    for key in ("preset", "out", "data", "resume", "device", "init_from"):
         if getattr(args, key) == "":
-            raise ValueError(f"--{key} is empty; leave it out for the default")
+            raise ValueError(f"--{key.replace('_', '-')} is empty; leave it out for the default")
+    if args.resume and args.init_from:
+        raise ValueError(f"--init-from {args.init_from} starts a new run from weights, --resume {args.resume} "
+                         "continues a saved one: give one of them")
     saved = {}
     if args.resume:
         with open_checkpoint(args.resume) as ckpt:
             saved = saved_settings(ckpt, args.resume)
-        if args.preset is not None and GPTConfig.preset(args.preset, drop_rate=ckpt["config"].drop_rate) \
-                != ckpt["config"]:
-            raise ValueError(f"--preset {args.preset}: {args.resume} holds another model ({ckpt['config']}), "
-                             "and a resumed run keeps its model (leave --preset out)")
+        args.cfg = kept_shape(ckpt["config"], args, f"{args.resume} holds", "a resumed run keeps its model")
         if args.dtype is not None and args.dtype != ckpt["dtype"]:
             raise ValueError(f"--dtype {args.dtype}: {args.resume} was trained in {ckpt['dtype']}, and a resumed "
                              "run keeps its model (leave --dtype out)")
     else:
-        args.preset = "book-124m" if args.preset is None else args.preset
+        args.cfg = new_shape(args)
         args.dtype = args.dtype or "float32"
-        GPTConfig.preset(args.preset)                                  # an unknown name fails here
+        if args.init_from:
+            args.init_from = os.path.realpath(args.init_from)
     if args.data is None:
         args.data = saved.get("data")
     args.data = None if args.data is None else os.path.realpath(args.data)
@@ -153,17 +185,127 @@ def resolve_run(args) -> None:
     if args.resume and args.decay not in (None, saved["decay"]):
         raise ValueError(f"--decay {args.decay}: {args.resume} was trained with --decay {saved['decay']}, and a "
                          "resumed run keeps its optimizer's parameter groups (leave --decay out)")
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+    if args.resume and "batch_size" in saved:
+        args.batch_size = global_batch_share(args, saved, world, shards)
     args.changes = {k: (saved.get(k), getattr(args, k)) for k in CHANGEABLE if args.resume
                     and getattr(args, k) is not None and getattr(args, k) != saved.get(k)}
+    given_torch = {k for k in ("autocast", "compile", "grad_accum") if getattr(args, k) is not None}
     for key, default in RUN_DEFAULTS.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             unused = key in (TEXT_ONLY if shards else SHARDS_ONLY)
             setattr(args, key, None if unused else saved.get(key, default))
+    args.world_size = world
+    tok = run_tokenizer(args)
+    if args.cfg.vocab_size < tok.n_vocab:
+        raise ValueError(f"{args.init_from or args.resume}: its model has {args.cfg.vocab_size} token embeddings, "
+                         f"fewer than the ids its tokenizer makes ({tok.n_vocab})")
+    if args.autocast == "none":
+        args.autocast = None
+    if args.backend == "numpy":         # a torch run resumed on numpy leaves its torch options behind
+        for key in ("autocast", "compile", "grad_accum"):
+            if key not in given_torch:
+                setattr(args, key, RUN_DEFAULTS[key])
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.resume else "runs/npgpt"
     check_run(args)
     if args.cosine and args.min_lr is None:
         args.min_lr = args.lr / 10
+
+
+def run_tokenizer(args):
+    """The run's tokenizer: the one beside the --init-from weights (or those a resumed run started
+    from), else GPT-2's."""
+    from ..tokenizer import get_tokenizer
+    if args.init_from and os.path.exists(args.init_from):
+        from ..weights.pretrained import load_tokenizer
+        return load_tokenizer(args.init_from)
+    return get_tokenizer()
+
+
+def _given_shape(args) -> dict:
+    """{GPTConfig field: value} of the shape flags given."""
+    return {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def _flag(field: str) -> str:
+    return "--" + next(flag for flag, f in SHAPE_FLAGS.items() if f == field).replace("_", "-")
+
+
+def new_shape(args):
+    """The GPTConfig of a new run: --init-from's weights (with --drop-rate), else --preset (default
+    book-124m) with the shape flags over it; each flag checked by name."""
+    from ..config import GPTConfig
+    given = _given_shape(args)
+    for field in ("n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"):
+        value = given.get(field)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(field)} must be a positive integer, got {value}")
+    if given.get("vocab_size", TOKENIZER_VOCAB) < TOKENIZER_VOCAB:
+        raise ValueError(f"--vocab-size {given['vocab_size']}: GPT-2's tokenizer makes {TOKENIZER_VOCAB} ids, so "
+                         f"the model needs at least {TOKENIZER_VOCAB} token embeddings (50304 pads them to a "
+                         "multiple of 64)")
+    if not 0 <= given.get("drop_rate", 0) < 1:
+        raise ValueError(f"--drop-rate must be a number in [0, 1), got {given['drop_rate']}")
+    if args.init_from:
+        from ..weights.pretrained import pretrained_config
+        cfg = pretrained_config(args.init_from, n_heads=args.n_head, drop_rate=args.drop_rate)
+        if args.preset is not None:
+            preset = GPTConfig.preset(args.preset, drop_rate=cfg.drop_rate, emb_init_std=cfg.emb_init_std)
+            if preset != cfg:
+                raise ValueError(f"--preset {args.preset}: {args.init_from} holds another model ({cfg}); the shape "
+                                 "of an --init-from run is its weights' (leave --preset out)")
+        return kept_shape(cfg, args, f"{args.init_from} holds", "the shape of an --init-from run is its weights'")
+    args.preset = args.preset or "book-124m"
+    cfg = GPTConfig.preset(args.preset)                                # an unknown name fails here
+    heads, width = given.get("n_heads", cfg.n_heads), given.get("emb_dim", cfg.emb_dim)
+    if width % heads:
+        raise ValueError(f"--n-embd {width} must be divisible by --n-head {heads} (the head size is their "
+                         f"quotient){' (the preset ' + args.preset + ' gives the other)' if len(given) < 2 else ''}")
+    return GPTConfig.preset(args.preset, **given)
+
+
+def kept_shape(cfg, args, holder: str, rule: str):
+    """cfg, refusing a --preset or shape flag that differs from it (a resumed model or --init-from
+    weights); --drop-rate may differ for --init-from only (rule's "resumed" says which)."""
+    from ..config import GPTConfig
+    resumed = rule.startswith("a resumed")
+    if resumed and args.preset is not None and GPTConfig.preset(args.preset, drop_rate=cfg.drop_rate) != cfg:
+        raise ValueError(f"--preset {args.preset}: {holder} another model ({cfg}), and {rule} (leave --preset out)")
+    for field, value in _given_shape(args).items():
+        if field == "drop_rate" and not resumed:
+            continue
+        if value != getattr(cfg, field):
+            given = (_flag(field) if value else "--no-" + _flag(field)[2:]) if isinstance(value, bool) \
+                else f"{_flag(field)} {value}"
+            shown = {True: "on", False: "off"}.get(getattr(cfg, field), getattr(cfg, field))
+            raise ValueError(f"{given}: {holder} a model with {field} {shown}, and {rule} (leave it out)")
+    return cfg
+
+
+def global_batch_share(args, saved: dict, world: int, shards: bool) -> int:
+    """A resumed run's --batch-size on `world` processes: its saved world_size x batch_size windows a
+    step (the same windows of step s, on shards) shared among the processes there are now."""
+    saved_world, saved_batch = saved.get("world_size", 1), saved["batch_size"]
+    total = saved_world * saved_batch
+    if world == saved_world:
+        if args.batch_size not in (None, saved_batch):
+            raise ValueError(f"{args.resume} was trained with --batch-size {saved_batch}; a resumed run must see "
+                             "the same batches (leave these options out, or start a new run)")
+        return saved_batch
+    if not shards:
+        raise ValueError(f"{args.resume} was trained by {saved_world} processes (torchrun ranks), this run has "
+                         f"{world}; a text run's batches depend on the number of processes, so resume it with "
+                         f"{saved_world}")
+    if total % world:
+        raise ValueError(f"{args.resume} was trained with {saved_world} processes x --batch-size {saved_batch} = "
+                         f"{total} windows a step, which {world} processes cannot share equally; resume it with a "
+                         f"number of processes that divides {total}")
+    if args.batch_size not in (None, total // world):
+        raise ValueError(f"--batch-size {args.batch_size}: {args.resume} was trained with {saved_world} processes x "
+                         f"--batch-size {saved_batch} = {total} windows a step; on {world} processes that is "
+                         f"--batch-size {total // world} (or leave it out)")
+    return total // world
 
 
 def saved_settings(ckpt, path) -> dict:
@@ -210,7 +352,12 @@ def check_run(args) -> None:
     if args.lr_decay_steps is not None and args.lr_decay_steps <= args.warmup:
         raise ValueError(f"--lr-decay-steps {args.lr_decay_steps} must be more than --warmup {args.warmup}: the "
                          "cosine runs from the end of warmup to step --lr-decay-steps")
-    check("drop_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if args.batch_size % args.grad_accum:
+        raise ValueError(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}: each step runs "
+                         f"its batch as {args.grad_accum} equal micro-batches")
+    if args.max_length is not None and args.max_length > args.cfg.context_length:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's context length "
+                         f"{args.cfg.context_length}")
     check("start_context", lambda v: v.strip() != "", "some text (the samples continue it)")
     torch_only = [f"--{k.replace('_', '-')}" for k, v in torch_options(args).items()]
     if torch_only and args.backend != "torch":

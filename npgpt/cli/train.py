@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .run import RUN_DEFAULTS, check_autocast, check_device, check_out, resolve_run, torch_options
+from .run import RUN_DEFAULTS, check_autocast, check_device, check_out, resolve_run, run_tokenizer, torch_options
 
 __all__ = ["cmd_train"]
 
@@ -94,26 +94,29 @@ def _kept(ckpt_path) -> str:
 
 def _model(args, options):
     """(model, optimizer, TrainState): resumed from --resume (with the optimizer settings the run
-    resolved), else built from the preset and seed."""
+    resolved), else args.cfg built from the seed or read from --init-from's weights, with a new
+    optimizer and schedule."""
     import npgpt
     from ..run_state import TrainState
-    if not args.resume:
-        overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
-        cfg = npgpt.GPTConfig.preset(args.preset, **overrides)
-        numpy_options = {"kernels": args.kernels} if args.backend == "numpy" else {}
-        model = npgpt.build_model(cfg, backend=args.backend, seed=args.seed, dtype=args.dtype, device=args.device,
-                                  **numpy_options, **options)
-        opt = npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2),
-                          eps=args.eps, decay=args.decay)
-        return model, opt, TrainState()
-    model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device, **options)
-    if model.backend == "numpy":
-        model.kernels = args.kernels
-    if args.drop_rate is not None and args.drop_rate != model.cfg.drop_rate:
-        raise ValueError(f"--drop-rate {args.drop_rate}: {args.resume} was trained with "
-                         f"{model.cfg.drop_rate}, and a resumed run keeps its model")
-    opt.weight_decay, opt.betas, opt.eps = args.weight_decay, (args.beta1, args.beta2), args.eps
-    return model, opt, state
+    if args.resume:
+        model, opt, state = npgpt.load_checkpoint(args.resume, backend=args.backend, device=args.device, **options)
+        if model.backend == "numpy":
+            model.kernels = args.kernels
+        opt.weight_decay, opt.betas, opt.eps = args.weight_decay, (args.beta1, args.beta2), args.eps
+        return model, opt, state
+    numpy_options = {"kernels": args.kernels} if args.backend == "numpy" else {}
+    if args.init_from:
+        from ..weights.pretrained import load_pretrained
+        model = load_pretrained(args.init_from, backend=args.backend, dtype=args.dtype, device=args.device,
+                                n_heads=args.cfg.n_heads, drop_rate=args.cfg.drop_rate, seed=args.seed, **options)
+        if model.backend == "numpy":
+            model.kernels = args.kernels
+    else:
+        model = npgpt.build_model(args.cfg, backend=args.backend, seed=args.seed, dtype=args.dtype,
+                                  device=args.device, **numpy_options, **options)
+    opt = npgpt.AdamW(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2),
+                      eps=args.eps, decay=args.decay)
+    return model, opt, TrainState()
 
 
 def _schedule(args, state, total_steps: int):
@@ -127,6 +130,24 @@ def _schedule(args, state, total_steps: int):
     state.schedule = Schedule(peak_lr=args.lr, warmup_steps=args.warmup, cosine=args.cosine,
                               decay_steps=args.lr_decay_steps, min_lr=args.min_lr,
                               initial_lr=None if saved is None else saved.initial_lr)
+
+
+def _shape(cfg) -> str:
+    """The model's shape as the flags that give it: --n-layer 12 --n-head 12 ..."""
+    from .run import SHAPE_FLAGS
+    def flag(name, value):
+        name = name.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+    return " ".join(flag(name, getattr(cfg, field)) for name, field in SHAPE_FLAGS.items())
+
+
+def _settings(run: dict) -> str:
+    """The run's resolved settings (saved in its checkpoint) as flags, those that are set."""
+    from .run import RUN_DEFAULTS
+    hidden = ("data_sha256", "world_size")
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in run.items()
+                    if k in RUN_DEFAULTS and k not in hidden and v is not None and v is not False
+                    and not (k == "grad_accum" and v == 1))
 
 
 def _changes(args, step: int) -> str:
@@ -144,8 +165,6 @@ def _data(args, cfg, tok, ranks):
     """The run's batches and its description: the book's loaders over a text, or batches by step
     from token shards (each rank its own windows)."""
     import npgpt
-    if args.max_length > cfg.context_length:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's context length {cfg.context_length}")
     B, T = args.batch_size, args.max_length
     if args.max_steps is not None:
         from ..data.shards import TokenDir
@@ -168,7 +187,6 @@ def cmd_train(args):
     from ..files import atomic_write
     from ..plot import plot_losses
 
-    args.world_size = None                      # the resumed run's, else 1
     resolve_run(args)
     options = torch_options(args)
     ranks = None                                # started by torchrun: data-parallel, one rank per process
@@ -181,18 +199,13 @@ def cmd_train(args):
         args.device = str(ranks.device)
     check_device(args.backend, args.device)
     check_autocast(args)
-    world_size = 1 if ranks is None else ranks.world_size
-    if args.resume and args.world_size != world_size:
-        raise ValueError(f"{args.resume} was trained by {args.world_size} processes (torchrun ranks), this run "
-                         f"has {world_size}; a resumed run must see the same batches, so resume it with "
-                         f"{args.world_size}")
-    args.world_size = world_size
+    world_size = 1 if ranks is None else ranks.world_size          # resolve_run read it from torchrun's WORLD_SIZE
     is_main = ranks is None or ranks.is_main    # rank 0 alone prints and writes files
     out = Path(args.out)
     ckpt_path = out / "checkpoint.h5"
     if is_main:
         check_out(out, ckpt_path, args)
-    tok = npgpt.get_tokenizer()
+    tok = run_tokenizer(args)
     model, opt, state = _model(args, options)
     cfg = model.cfg
     args.max_length = args.max_length or cfg.context_length
@@ -233,6 +246,7 @@ def cmd_train(args):
     if is_main:
         print(f"npgpt: {args.backend} backend, {npgpt.num_params(cfg):,} parameters, {described}"
               f"{f' on each of {world_size} processes' if ranks else ''}", file=sys.stderr)
+        print(f"npgpt: model {_shape(cfg)}; run {_settings(run)}", file=sys.stderr)
         if args.changes:
             print(_changes(args, state.global_step), file=sys.stderr)
     # the schedule is state.schedule; clipping (--clip) acts on every step, warmup included

@@ -176,8 +176,11 @@ class TorchGPT(Backend):
     def loss(self, inputs, targets) -> float:
         inputs, targets = self._ids(inputs), self._ids(targets, "targets")
         with torch.no_grad(), self._compute():
-            if len(inputs):
+            if len(inputs) and self.grad_accum == 1:
                 loss = self.module(inputs, targets)
+            elif len(inputs):   # in micro-batches, as training runs them: no more memory than a step holds
+                pieces = zip(inputs.chunk(self.grad_accum), targets.chunk(self.grad_accum))
+                loss = sum(self.module(x, y) * len(x) for x, y in pieces) / len(inputs)
             else:   # a rank's padding batch in DDP evaluation: no forward (flash SDPA refused batch 0)
                 loss = torch.full((), math.nan, device=self.device)
         return float(self._mean(loss, len(inputs)))

@@ -10,6 +10,7 @@ loss, train/eval, flops_per_token and peak_flops.
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -56,8 +57,11 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
     """Greedy continuation of start_context, printed on one line (the book's sample after each epoch)."""
     context_size = model.cfg.context_length
     ids = text_to_token_ids(start_context, tokenizer)[:, -context_size:]
-    out = generate(model, ids, max_new_tokens=max_new_tokens, context_size=context_size, temperature=0.0)
-    print_fn(token_ids_to_text(out, tokenizer).replace("\n", " "))
+    out = generate(model, ids, max_new_tokens=max_new_tokens, context_size=context_size, temperature=0.0)[0]
+    # a vocabulary padded past the tokenizer's (--vocab-size 50304) has rows no text decodes to
+    runs = itertools.groupby(out.tolist(), key=lambda i: i < tokenizer.n_vocab)
+    print_fn("".join(token_ids_to_text(list(ids), tokenizer) if known else "\N{REPLACEMENT CHARACTER}" * len(list(ids))
+                     for known, ids in runs).replace("\n", " "))
 
 
 FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU

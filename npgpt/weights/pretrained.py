@@ -224,27 +224,38 @@ def detect_format(path) -> str:
                      ".pth or a Hugging Face pytorch_model.bin, or an OpenAI / Hugging Face GPT-2 folder")
 
 
+def _open(stack, path: Path, n_heads, drop_rate, verify):
+    """(GPTConfig, {name: LazyParam}) of the weights at path, open until stack closes."""
+    kind = detect_format(path)
+    if kind == "openai":
+        return _open_openai(stack, path if path.is_dir() else path.parent, n_heads, drop_rate, verify)
+    if kind == "hf":
+        return _open_hf(stack, path, n_heads, drop_rate)
+    if kind == "book":
+        return _open_book(path, n_heads, drop_rate)
+    return _open_npgpt(stack, path, n_heads, drop_rate)
+
+
+def pretrained_config(path, *, n_heads: int | None = None, drop_rate: float | None = None) -> GPTConfig:
+    """The GPTConfig of the weights at path, read without reading the weights (load_pretrained's
+    arguments)."""
+    with ExitStack() as stack:
+        return _open(stack, Path(path), n_heads, drop_rate, verify=False)[0]
+
+
 def load_pretrained(path, backend="numpy", dtype="float32", device=None, *, n_heads: int | None = None,
-                    drop_rate: float | None = None, verify: bool = True, seed: int = 123):
+                    drop_rate: float | None = None, verify: bool = True, seed: int = 123, **torch_options):
     """A model with the weights at path (any format of this module's docstring).
 
     n_heads: for files that do not record it (the book's .pth, a bare .safetensors); default
     emb_dim // 64. drop_rate: dropout for further training (default: the file's, else GPT-2's 0.1).
     verify: check the crc32c of every tensor of an OpenAI checkpoint (about 2 s per GB here).
+    torch_options: build_model's (autocast, compile, grad_accum), for the torch backend.
     """
-    path = Path(path)
-    kind = detect_format(path)
     with ExitStack() as stack:
-        if kind == "openai":
-            folder = path if path.is_dir() else path.parent
-            cfg, params = _open_openai(stack, folder, n_heads, drop_rate, verify)
-        elif kind == "hf":
-            cfg, params = _open_hf(stack, path, n_heads, drop_rate)
-        elif kind == "book":
-            cfg, params = _open_book(path, n_heads, drop_rate)
-        else:
-            cfg, params = _open_npgpt(stack, path, n_heads, drop_rate)
-        return build_loaded_model(cfg, params, backend=backend, dtype=dtype, device=device, seed=seed)
+        cfg, params = _open(stack, Path(path), n_heads, drop_rate, verify)
+        return build_loaded_model(cfg, params, backend=backend, dtype=dtype, device=device, seed=seed,
+                                  **torch_options)
 
 
 def load_tokenizer(path):
