@@ -208,9 +208,10 @@ def run_one(variant, name, repeats, first_round):
         lib = "numpy" if numpy else "torch"
         if variant == "numpy" and first_round:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from profile_numpy import profile_step
+            from profile_numpy import machine_limits, profile_step
             model.train()
             row["profile_ms"] = profile_step(model, opt, x, y, repeats=2)
+            row["profile_limits"] = machine_limits(repeats)
     row["matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu")
     if variant in ("torch-bf16", "torch-cuda"):
         row["bf16_matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu", "bf16")
@@ -352,7 +353,8 @@ def report(merged, configs, meta, command):
             spec = dict(CONFIGS[name])
             cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
             lines += [f"NumPy step by layer type ({name}, ms per step, mean of 2 steps, round 1):", "",
-                      table(by["numpy"]["profile_ms"], cfg, 2, by["numpy"]["T"]), ""]
+                      table(by["numpy"]["profile_ms"], cfg, 2, by["numpy"]["T"], by["numpy"].get("profile_limits")),
+                      ""]
     info = {v: m["info"] for (c, v), m in merged.items()}
     lines.append("Libraries and threads: " + "; ".join(f"{v}: {describe(i)}" for v, i in info.items()))
     return "\n".join(lines) + "\n"

@@ -6,6 +6,15 @@ Every function of npgpt.numpy_backend.layers (which model.py calls through the m
 optimizer's step are wrapped in a timer for the measured steps; "other" is the rest of the step
 (residual additions, reshapes, Python). The timers cost a few microseconds a call, well under 1%
 of a step. bench_backends.py prints this table for the NumPy backend in each run.
+
+Each row also gets its floor: the time the layer would take if it ran at this machine's limits,
+measured in the same process (machine_limits): its FLOPs at the pool's float32 matmul peak, or
+its bytes at the pool's copy bandwidth, whichever is longer. The bytes are the least traffic the
+math needs (floors): every input read from memory once, every output written once, the caches
+the backward reads included; passes that a block repeats inside the L2 cache are free there.
+"x floor" is the measured time over the floor: where it is large, the layer is far from what the
+machine allows. Drawing random numbers (dropout) and tanh (GELU) cost arithmetic that neither
+limit counts, so their floors are optimistic.
 """
 from __future__ import annotations
 
@@ -67,6 +76,70 @@ def profile_step(model, opt, x, y, repeats=3) -> dict:
     return ms
 
 
+def machine_limits(repeats=3) -> dict:
+    """This process's limits, as the fast kernels meet them: copy_gb_s, bytes read plus bytes
+    written per second by np.copyto over 256 MiB of float32 in row blocks on npgpt's pool, and
+    matmul_gflops, a 2048^3 float32 product through threads.matmul (one BLAS thread a block)."""
+    import numpy as np
+    from npgpt.numpy_backend.threads import for_row_blocks, matmul, one_blas_thread
+    src = np.ones(((1 << 26) // 1024, 1024), np.float32)                     # 256 MiB
+    dst = np.empty_like(src)
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    best_copy = best_mm = float("inf")
+    with one_blas_thread():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for_row_blocks(lambda r: np.copyto(dst[r], src[r]), src)
+            best_copy = min(best_copy, time.perf_counter() - t)
+            t = time.perf_counter()
+            matmul(a, a)
+            best_mm = min(best_mm, time.perf_counter() - t)
+    return {"copy_gb_s": 2 * src.nbytes / best_copy / 1e9, "matmul_gflops": 2 * 2048 ** 3 / best_mm / 1e9}
+
+
+def floors(cfg, B, T, itemsize=4) -> dict:
+    """{"layer phase": (bytes, FLOPs)}: the least memory traffic and the arithmetic of one
+    training step's layers (N = B*T rows, float32), as the table's rows name them."""
+    N, C, L, V, NH = B * T, cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.n_heads
+    f = itemsize
+    weights = L * 12 * C * C + V * C                   # the linear layers', the head's included
+    linear_in = L * 7 * N * C + N * C                  # inputs of c_attn, c_proj, c_fc, mlp c_proj, head
+    linear_out = L * 9 * N * C + N * V
+    att = B * NH * T * T                               # attention weights, one layer
+    dropped = (N * C + L * (2 * N * C + att)) if cfg.drop_rate else 0
+    params = sum(n for n in _param_sizes(cfg))
+    return {
+        "linear forward": (f * (weights + linear_in + linear_out), 2 * N * weights),
+        "linear backward": (f * (2 * weights + 2 * linear_in + linear_out), 4 * N * weights),
+        "AdamW update": (7 * f * params, 0),           # reads p, g, m, v; writes p, m, v
+        "attention forward": (f * L * (4 * N * C + att), L * 4 * B * T * T * C),
+        "attention backward": (f * L * (7 * N * C + att), L * 8 * B * T * T * C),
+        "gelu forward": (f * L * 2 * 4 * N * C, 0),
+        "gelu backward": (f * L * 3 * 4 * N * C, 0),
+        "dropout forward": (f * 3 * dropped, 0),       # x in; out and the mask out
+        "dropout backward": (f * 3 * dropped, 0),      # dout and the mask in, dx out
+        "layernorm forward": (f * (2 * L + 1) * 2 * N * C, 0),
+        "layernorm backward": (f * (2 * L + 1) * 3 * N * C, 0),
+        "cross-entropy forward": (f * 2 * N * V, 0),   # logits in, probabilities out (the cache)
+        "cross-entropy backward": (f * 2 * N * V, 0),
+        "embedding forward": (f * 2 * N * C, 0),
+        "embedding backward": (f * 2 * N * C, 0),      # dout in; a row of dwte and of dwpe out per token
+    }
+
+
+def _param_sizes(cfg):
+    import numpy as np
+    from npgpt.params import param_shapes
+    return [int(np.prod(shape)) for shape in param_shapes(cfg).values()]
+
+
+def floor_ms(cfg, B, T, limits) -> dict:
+    """{"layer phase": ms} at the machine's limits: the longer of bytes / copy bandwidth and
+    FLOPs / matmul peak."""
+    return {key: 1000 * max(nbytes / (limits["copy_gb_s"] * 1e9), flops / (limits["matmul_gflops"] * 1e9))
+            for key, (nbytes, flops) in floors(cfg, B, T).items()}
+
+
 def linear_gflops(cfg, B, T, ms) -> dict:
     """Achieved GFLOP/s of the linear layers (the head included): 2 FLOPs a weight and token
     forward, 4 backward."""
@@ -76,9 +149,11 @@ def linear_gflops(cfg, B, T, ms) -> dict:
             for phase in ("forward", "backward") if f"linear {phase}" in ms}
 
 
-def table(ms: dict, cfg=None, B=None, T=None) -> str:
-    """A markdown table: one row per layer type (forward, backward, both, share of the step)."""
+def table(ms: dict, cfg=None, B=None, T=None, limits=None) -> str:
+    """A markdown table: one row per layer type (forward, backward, both, share of the step), and
+    with the machine's limits each row's floor and how far above it the layer runs."""
     total = ms["total"]
+    low = floor_ms(cfg, B, T, limits) if limits else None
     layers = []
     for key in ms:
         layer = key.rsplit(" ", 1)[0]
@@ -86,14 +161,29 @@ def table(ms: dict, cfg=None, B=None, T=None) -> str:
             layers.append(layer)
     both = {layer: ms.get(f"{layer} forward", 0) + ms.get(f"{layer} backward", 0) + ms.get(f"{layer} update", 0)
             for layer in layers}
-    lines = ["| layer | forward ms | backward ms | total ms | share |", "| --- | ---: | ---: | ---: | ---: |"]
+    head = "| layer | forward ms | backward ms | total ms | share |"
+    rule = "| --- | ---: | ---: | ---: | ---: |"
+    if low:
+        head, rule = head + " floor ms | x floor |", rule + " ---: | ---: |"
+    lines = [head, rule]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
     for layer in sorted(layers, key=lambda n: -both[n]):
         fwd = ms.get(f"{layer} forward", ms.get(f"{layer} update"))
-        lines.append(f"| {layer} | {fmt(fwd)} | {fmt(ms.get(f'{layer} backward'))} | {both[layer]:.1f} | "
-                     f"{100 * both[layer] / total:.0f}% |")
-    lines.append(f"| other (residuals, Python) | | | {ms['other']:.1f} | {100 * ms['other'] / total:.0f}% |")
-    lines.append(f"| step | | | {total:.1f} | 100% |")
+        row = (f"| {layer} | {fmt(fwd)} | {fmt(ms.get(f'{layer} backward'))} | {both[layer]:.1f} | "
+               f"{100 * both[layer] / total:.0f}% |")
+        if low:
+            floor = sum(v for k, v in low.items() if k.rsplit(" ", 1)[0] == layer)
+            row += f" {floor:.1f} | {both[layer] / floor:.1f} |" if floor else " - | - |"
+        lines.append(row)
+    blank = " | |" if low else ""
+    lines.append(f"| other (residuals, Python) | | | {ms['other']:.1f} | {100 * ms['other'] / total:.0f}% |{blank}")
+    if low:
+        floor = sum(low.values())
+        lines.append(f"| step | | | {total:.1f} | 100% | {floor:.1f} | {total / floor:.1f} |")
+        lines.append(f"\nlimits measured in the same process: copy {limits['copy_gb_s']:.1f} GB/s (read + write, "
+                     f"npgpt's pool), float32 matmul {limits['matmul_gflops']:.0f} GFLOP/s (threads.matmul, 2048^3)")
+    else:
+        lines.append(f"| step | | | {total:.1f} | 100% |")
     if cfg is not None:
         rates = linear_gflops(cfg, B, T, ms)
         lines.append("\nlinear layers: " + ", ".join(f"{phase} {r:.0f} GFLOP/s" for phase, r in rates.items()))
@@ -115,7 +205,8 @@ def main():
     opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
     x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, B, T))
     ms = profile_step(model, opt, x, y, args.repeats)
-    print(json.dumps(ms) if args.json else table(ms, cfg, B, T))
+    limits = machine_limits()
+    print(json.dumps({"ms": ms, "limits": limits}) if args.json else table(ms, cfg, B, T, limits))
 
 
 if __name__ == "__main__":
