@@ -1,12 +1,19 @@
 """`--sampling random|epoch`: how TrainBatches picks a step's windows. Epoch mode covers every
 non-overlapping window once an epoch, in an order that changes with the epoch and the seed, from
 (seed, step) alone: a fresh reader, W ranks of B and one process of W * B all see the same
-windows, across an epoch's end too. Random mode draws as it always did."""
+windows, across an epoch's end too. Random mode draws as it always did. Through the CLI: refused
+on a text, kept on resume, and a resumed epoch run ends where an uninterrupted one does."""
+import json
+import struct
+from array import array
 
+import h5py
 import numpy as np
 import pytest
 
-from npgpt.data.shards import TrainBatches
+from npgpt.cli import main
+from npgpt.data.shards import TokenDir, TrainBatches
+from npgpt.weights.checkpoint import _digest, read_checkpoint
 
 T = 8
 LENGTHS = (161, 95, 10, 5, 64)          # 20 + 11 + 1 + 0 + 7 = 39 windows of T + 1 at multiples of T
@@ -95,3 +102,64 @@ def test_epoch_sampling_refuses_fewer_windows_than_a_step_and_an_unknown_mode():
     TrainBatches(synthetic(), 39, T, sampling="epoch")
     with pytest.raises(ValueError, match="sampling must be one of random, epoch"):
         TrainBatches(synthetic(), 2, T, sampling="shuffle")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """An llm.c-format folder: 600 val and 300 train tokens (18 windows of 17 at T 16)."""
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(9)
+    for name, n in (("e_val_000000.bin", 600), ("e_train_000001.bin", 300)):
+        tokens = rng.integers(0, 1000, n).tolist()
+        (folder / name).write_bytes(struct.pack("<256i", 20240520, 1, n, *[0] * 253) + array("H", tokens).tobytes())
+    return folder
+
+
+def train(shards, out, *extra):
+    return main(["train", "--preset", "tiny", "--dtype", "float64", "--drop-rate", "0", "--data", str(shards),
+                 "--max-length", "16", "--batch-size", "4", "--eval-every", "3", "--eval-iter", "1",
+                 "--no-progress", "--out", str(out), *extra])
+
+
+def refused(capsys, argv, *words):
+    """argv exits 2 with one line naming each of words."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+def test_the_cli_takes_sampling_on_shards_only_and_keeps_it_on_resume(shards, tmp_path, capsys, verdict_start):
+    assert TokenDir(shards).train_batches(4, 16, sampling="epoch").num_windows == 18
+    refused(capsys, ["train", "--data", str(verdict_start(2000)), "--sampling", "epoch", "--out", str(tmp_path)],
+            "--sampling", "does not apply")
+    assert train(shards, tmp_path / "whole", "--sampling", "epoch", "--max-steps", "7") == 0   # epoch ends in step 4
+    assert "an epoch every 4.5 steps" in capsys.readouterr().err
+    assert train(shards, tmp_path / "split", "--sampling", "epoch", "--max-steps", "3") == 0
+    ckpt = tmp_path / "split" / "checkpoint.h5"
+    capsys.readouterr()
+    refused(capsys, ["train", "--resume", str(ckpt), "--max-steps", "7", "--sampling", "random"],
+            "--sampling epoch", "same batches")
+    assert main(["train", "--resume", str(ckpt), "--max-steps", "7", "--no-progress"]) == 0
+    whole, split = (read_checkpoint(tmp_path / run / "checkpoint.h5") for run in ("whole", "split"))
+    assert split["run"]["sampling"] == "epoch" and split["state"].global_step == whole["state"].global_step == 6
+    for name, p in whole["params"].items():
+        assert np.array_equal(split["params"][name], p), name
+    assert train(shards, tmp_path / "random", "--max-steps", "7") == 0
+    drawn = read_checkpoint(tmp_path / "random" / "checkpoint.h5")
+    assert drawn["run"]["sampling"] == "random"
+    assert not all(np.array_equal(drawn["params"][name], p) for name, p in whole["params"].items())
+
+
+def test_a_checkpoint_saved_before_sampling_resumes_at_random(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(shards, out, "--max-steps", "2") == 0
+    with h5py.File(out / "checkpoint.h5", "r+") as f:                 # as saved before --sampling
+        run = json.loads(f["train_state"].attrs["run"])
+        del run["sampling"]
+        f["train_state"].attrs["run"] = np.bytes_(json.dumps(run))
+        f.attrs["checksum"] = _digest(f)
+    capsys.readouterr()
+    refused(capsys, ["train", "--resume", str(out / "checkpoint.h5"), "--max-steps", "3", "--sampling", "epoch"],
+            "--sampling random")
+    assert main(["train", "--resume", str(out / "checkpoint.h5"), "--max-steps", "3", "--no-progress"]) == 0
+    assert read_checkpoint(out / "checkpoint.h5")["run"]["sampling"] == "random"
