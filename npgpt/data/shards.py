@@ -138,8 +138,10 @@ class TrainBatches:
 
     epoch: one pass over the data per epoch. An epoch's windows are the n windows that start at
     multiples of T in each shard (n = the sum of (len - 1) // T over the shards; they overlap by one
-    token, so each token after a shard's first is a target once an epoch, as ValBatches cuts the
-    val shards), taken in the order np.random.default_rng([seed, epoch, 1]).permutation(n). The
+    token, so each token after a shard's first is a target once an epoch, but for its last
+    (len - 1) % T, which are never; ValBatches cuts the val shards so), taken in the order
+    np.random.default_rng([seed, epoch, 1]).permutation(n) (1, not 0: NumPy's SeedSequence reads
+    [seed, epoch, 0] as [seed, epoch], random's stream at step epoch). The
     run's windows follow one another across steps: window i of step s (i < W * B) is the run's
     window g = s * W * B + i, the window at g % n in epoch g // n's order. A step across the end of
     an epoch takes the last windows of one order and the first of the next (a window may then come
