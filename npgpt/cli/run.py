@@ -20,8 +20,9 @@ RUN_DEFAULTS = {"backend": "numpy", "init_from": None, "data": None, "data_sha25
                 "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "min_lr": None,
                 "lr_decay_steps": None, "clip": None, "save_every": 0, "start_context": "Every effort moves you",
                 "autocast": None, "compile": False, "grad_accum": 1,
-                "world_size": 1}    # torchrun's processes, each with its own --batch-size windows a step
-SAME_BATCHES = ("data_sha256", "max_length", "stride", "seed")      # and the global batch: world_size x batch_size
+                "world_size": 1,    # torchrun's processes, each with its own --batch-size windows a step
+                "sampling": "random"}
+SAME_BATCHES = ("data_sha256", "max_length", "stride", "seed", "sampling")  # and the global batch: world_size x batch_size
 # given with --resume, these apply from the next step (cmd_train prints which); --decay is refused
 CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "cosine", "min_lr", "lr_decay_steps", "clip",
               "backend", "autocast", "compile", "grad_accum")
@@ -31,7 +32,7 @@ SHAPE_FLAGS = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "emb_dim", 
                "vocab_size": "vocab_size", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights",
                "drop_rate": "drop_rate"}
 TOKENIZER_VOCAB = 50257                 # GPT-2's BPE: the ids the data and the samples use
-TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every")
+TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every", "sampling")
 MAX_SEED = 2**63 - 1                                   # what every RNG involved (NumPy's, torch's) accepts
 
 
@@ -70,6 +71,11 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, help=f"default: {d['batch_size']}")
     p.add_argument("--max-length", type=int, help="tokens per window (default: the context length)")
     p.add_argument("--stride", type=int, help="text: step between windows (default: max length)")
+    p.add_argument("--sampling", choices=("random", "epoch"),
+                   help="shards: how a step's windows are drawn. random (the default): distinct windows at "
+                        "random positions, drawn anew each step (some tokens seen several times, some never); "
+                        "epoch: one pass over non-overlapping windows an epoch, in an order shuffled by --seed "
+                        "and the epoch. Either way step s's windows depend on (seed, s) alone")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']}, the book's; the GPT-2 "
                                             "recipe: 6e-4)")
     p.add_argument("--weight-decay", type=float, help=f"AdamW's (default: {d['weight_decay']})")
@@ -154,6 +160,7 @@ def resolve_run(args) -> None:
     if args.resume:
         with open_checkpoint(args.resume) as ckpt:
             saved = saved_settings(ckpt, args.resume)
+        saved.setdefault("sampling", "random")          # saved before --sampling: drawn at random
         args.cfg = kept_shape(ckpt["config"], args, f"{args.resume} holds", "a resumed run keeps its model")
         if args.dtype is not None and args.dtype != ckpt["dtype"]:
             raise ValueError(f"--dtype {args.dtype}: {args.resume} was trained in {ckpt['dtype']}, and a resumed "

@@ -170,11 +170,12 @@ def _data(args, cfg, tok, ranks):
         from ..data.shards import TokenDir
         tokens = TokenDir(args.data)
         rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
-        train = tokens.train_batches(B, T, args.seed, rank, world)
+        train = tokens.train_batches(B, T, args.seed, rank, world, sampling=args.sampling)
         val = tokens.val_batches(B, T, args.eval_iter, rank, world)
         counts = tokens.num_tokens
+        epoch = f", an epoch every {train.num_windows / (B * world):.4g} steps" if args.sampling == "epoch" else ""
         return train, val, (f"{counts['train']:,} train / {counts['val']:,} val tokens, batches of {B}x{T}, "
-                            f"{args.max_steps} steps")
+                            f"{args.max_steps} steps{epoch}")
     train, val = npgpt.make_loaders(npgpt.load_corpus(args.data), tok, batch_size=B, max_length=T,
                                     stride=args.stride, seed=args.seed)
     if ranks is not None:

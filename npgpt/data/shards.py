@@ -9,8 +9,8 @@ headerless uint16 train.bin and val.bin.
 
 TokenDir opens such a folder and maps every file with np.memmap: no file is read whole, a batch
 reads only the pages its windows touch. TrainBatches draws a step's windows from (seed, step) alone,
-so a resumed run sees exactly the batches of an uninterrupted one; ValBatches tiles the val shards
-from the start.
+at random or one pass over the data an epoch, so a resumed run sees exactly the batches of an
+uninterrupted one; ValBatches tiles the val shards from the start.
 
 Shape letters: B windows per batch (per rank), T time (max_length), W world size (ranks).
 """
@@ -36,6 +36,7 @@ SPLIT_RE = re.compile(r"(?P<prefix>.*)(?P<split>train|val)(?P<rest>.*)\.bin")
 RAW_NAMES = ("train.bin", "val.bin")    # nanoGPT's, headerless (an llm.c header makes them llm.c files)
 MAGIC_BYTES = MAGIC.to_bytes(4, "little")
 SPLITS = ("val", "train")
+SAMPLINGS = ("random", "epoch")          # how TrainBatches draws a step's windows
 
 
 def shard_name(name: str, split: str, index: int) -> str:
@@ -128,46 +129,87 @@ def _positive(**values) -> None:
 class TrainBatches:
     """Training batches by step over the train shards: batch(step) -> (inputs, targets).
 
-    A step's windows of T + 1 tokens are W * B distinct start positions drawn from
-    np.random.default_rng([seed, step]) among all starts whose window lies inside one shard;
-    rank r takes the r-th B of them, so no two ranks share a window at a step and the draw depends
-    on nothing but (seed, step), and NumPy's version (its Generator streams may change between
-    releases: resume under the same one). Batches are plain NumPy arrays; pass out= (an int64
-    (B, T + 1) array, say a view of pinned host memory) to have the windows written there instead.
+    Each step takes W * B windows of T + 1 tokens, each inside one shard, and rank r takes the r-th
+    B of them. Which windows, sampling says:
+
+    random (the default): W * B distinct start positions drawn from np.random.default_rng([seed, step])
+    among every start whose window lies inside one shard, anew each step, so some tokens come in
+    several steps and some in none.
+
+    epoch: one pass over the data per epoch. An epoch's windows are the n windows that start at
+    multiples of T in each shard (n = the sum of (len - 1) // T over the shards; they overlap by one
+    token, so each token after a shard's first is a target once an epoch, but for its last
+    (len - 1) % T, which are never; ValBatches cuts the val shards so), taken in the order
+    np.random.default_rng([seed, epoch, 1]).permutation(n) (1, not 0: NumPy's SeedSequence reads
+    [seed, epoch, 0] as [seed, epoch], random's stream at step epoch). The
+    run's windows follow one another across steps: window i of step s (i < W * B) is the run's
+    window g = s * W * B + i, the window at g % n in epoch g // n's order. A step across the end of
+    an epoch takes the last windows of one order and the first of the next (a window may then come
+    twice in that step). The current epoch's order is kept: n int64, 8 bytes a window (10B tokens
+    at T = 1024 are about 10M windows, 80 MB). Needs n >= W * B.
+
+    Either way a step's windows depend on nothing but (seed, step), and NumPy's version (its
+    Generator streams may change between releases: resume under the same one), so a resumed run
+    sees the batches of an uninterrupted one and W ranks of B see those of one process of W * B.
+    Batches are plain NumPy arrays; pass out= (an int64 (B, T + 1) array, say a view of pinned host
+    memory) to have the windows written there instead.
     """
 
     def __init__(self, shards: list[np.ndarray], batch_size: int, max_length: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, files: list | None = None):
+                 rank: int = 0, world_size: int = 1, files: list | None = None, sampling: str = "random"):
         _positive(batch_size=batch_size, max_length=max_length, world_size=world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         self.shards, self.batch_size, self.max_length = shards, batch_size, max_length
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.sampling = seed, rank, world_size, sampling
         lengths = np.array([len(s) for s in shards], dtype=np.int64)
-        self.windows = np.maximum(lengths - max_length, 0)      # start positions per shard
+        if sampling == "random":
+            self.windows = np.maximum(lengths - max_length, 0)      # start positions per shard
+        else:
+            self.windows = np.maximum((lengths - 1) // max_length, 0)  # windows at multiples of T per shard
         self.ends = np.cumsum(self.windows)                      # window numbers [end - windows, end)
         self.num_windows = int(self.ends[-1]) if len(shards) else 0
+        self._epoch, self._order = None, None                    # epoch mode: the last epoch's order
         if self.num_windows == 0:
             where = files[int(lengths.argmax())] if files and len(shards) else "train"
             raise ValueError(f"{where}: the train shards are too short: the longest has "
                              f"{lengths.max(initial=0)} tokens, a window needs max_length + 1 = {max_length + 1}")
         if self.num_windows < world_size * batch_size:
-            raise ValueError(f"the train shards hold {self.num_windows} windows of {max_length + 1} tokens, "
+            held = "windows" if sampling == "random" else "non-overlapping windows (an epoch)"
+            raise ValueError(f"the train shards hold {self.num_windows} {held} of {max_length + 1} tokens, "
                              f"a step needs {world_size * batch_size} distinct ones "
                              f"(world_size {world_size} x batch_size {batch_size})")
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Epoch mode: the epoch's window numbers in the order it takes them, (n,) int64."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch, 1])    # the 1 keeps it apart from random's streams
+            self._epoch, self._order = epoch, rng.permutation(self.num_windows)
+        return self._order
 
     def starts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, offset in that shard) of this rank's B windows at step: (B,), (B,)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         B, W = self.batch_size, self.world_size
-        rng = np.random.default_rng([self.seed, step])
-        drawn = rng.choice(self.num_windows, size=W * B, replace=False)     # (W * B,) distinct
-        mine = drawn[self.rank * B:(self.rank + 1) * B]                        # (B,)
+        if self.sampling == "random":
+            rng = np.random.default_rng([self.seed, step])
+            drawn = rng.choice(self.num_windows, size=W * B, replace=False)     # (W * B,) distinct
+            mine = drawn[self.rank * B:(self.rank + 1) * B]                        # (B,)
+        else:
+            first = int(step) * W * B + self.rank * B                           # the run's window number
+            epoch, place = np.divmod(np.arange(first, first + B, dtype=np.int64), self.num_windows)  # (B,) each
+            mine = np.empty(B, dtype=np.int64)
+            for e in np.unique(epoch):                                          # one, or two across an epoch's end
+                here = epoch == e
+                mine[here] = self.order(int(e))[place[here]]
         shard = np.searchsorted(self.ends, mine, side="right")
-        return shard, mine - (self.ends[shard] - self.windows[shard])
+        number = mine - (self.ends[shard] - self.windows[shard])                # window number in its shard
+        return shard, number if self.sampling == "random" else number * self.max_length
 
     def batch(self, step: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (inputs, targets) at step: int64 arrays (B, T), targets shifted by one token."""
@@ -331,10 +373,10 @@ class TokenDir:
         return {s: sum(len(a) for a in getattr(self, s)) for s in SPLITS}
 
     def train_batches(self, batch_size: int, max_length: int, seed: int = 0, rank: int = 0,
-                      world_size: int = 1) -> TrainBatches:
-        """Training batches by step (see TrainBatches)."""
+                      world_size: int = 1, sampling: str = "random") -> TrainBatches:
+        """Training batches by step, sampling "random" or "epoch" (see TrainBatches)."""
         return TrainBatches(self.train, batch_size, max_length, seed, rank, world_size,
-                            files=self.files["train"])
+                            files=self.files["train"], sampling=sampling)
 
     def val_batches(self, batch_size: int, max_length: int, num_batches: int | None = None, rank: int = 0,
                     world_size: int = 1) -> ValBatches:
