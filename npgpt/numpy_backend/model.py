@@ -137,15 +137,20 @@ class NumpyGPT(Backend):
             for name, g in clipped.items():
                 self.g[name][...] = g
             return norm
-        g, block, squares = self.flat_grads, 1 << 16, 0.0
-        for start in range(0, g.size, block):
-            b = g[start:start + block].astype(np.float64)                  # 512 KiB: stays in the cache
-            squares += float(np.dot(b, b))
-        norm = float(np.sqrt(squares))
+        norm = self.grad_norm()
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             self.flat_grads *= self.dtype.type(coef)
         return norm
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of all gradients: one pass over flat_grads, the squares summed in
+        float64 a block at a time (see clip_grad_norm)."""
+        g, block, squares = self.flat_grads, 1 << 16, 0.0
+        for start in range(0, g.size, block):
+            b = g[start:start + block].astype(np.float64)                  # 512 KiB: stays in the cache
+            squares += float(np.dot(b, b))
+        return float(np.sqrt(squares))
 
     def rng_state(self) -> dict:
         """The dropout RNG's state (JSON-serialisable), saved in checkpoints for exact resumes."""
