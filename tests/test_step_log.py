@@ -187,7 +187,8 @@ def test_a_torn_last_line_stays_alone(tmp_path):
     path.write_bytes(b'{"kind": "step", "step": 0}\n{"kind": "st')
     with RunLog(path, 10) as log:
         log.write({"kind": "save", "step": 0, "loss": float("nan")})
-    lines = path.read_text().splitlines()
+        assert path.read_text().endswith("\n")             # in the file at once, not in a buffer
+        lines = path.read_text().splitlines()
     assert lines[1] == '{"kind": "st'
     assert json.loads(lines[2])["loss"] is None and json.loads(lines[2])["kind"] == "save"
 
