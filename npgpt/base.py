@@ -1,7 +1,7 @@
 """The interface both backends implement, and what they share.
 
 Both hold the same flat dict of GPT-2-named parameters and offer the same methods: logits, loss,
-loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm, rng_state,
+loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm, grad_norm, rng_state,
 set_rng_state, synchronize and generate. The training loop, sampling, checkpoints and weight
 loaders are written once against these.
 """
@@ -16,6 +16,7 @@ class Backend:
     """What both models share. Each backend provides
       forward_backward(inputs, targets) -> float   the mean loss, leaving the gradients in the model
       clip_grad_norm(max_norm) -> float            the norm before clipping
+      grad_norm() -> float                         the gradients' global L2 norm, nothing changed
       new_kv_cache(batch_size, capacity)           an npgpt.sampling.KVCache in the backend's arrays
       next_logits(ids, cache) -> (B, V)            the forward step of generation, in its arrays
       sampler(seed) -> pick(logits, temperature, top_k, top_p) -> NumPy ids (B,)
@@ -23,6 +24,7 @@ class Backend:
 
     peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
     synchronous = True    # a step's work is done when train_step returns (False: queued on a GPU)
+    last_grad_norm = None  # the last train_step's gradient norm before clipping (see train_step)
 
     def flops_per_token(self, T: int) -> float:
         return flops_per_token(self.cfg, T)
@@ -34,12 +36,15 @@ class Backend:
         sync=False lets a backend whose work is queued on a device return before that work is done
         (the torch backend on a GPU): the loss may then come back as a 0-dim device tensor, a
         non-finite one skips its update on the device, and loss_value() turns it into a float,
-        raising FloatingPointError there. On the CPU the step is done when it returns either way."""
+        raising FloatingPointError there. On the CPU the step is done when it returns either way.
+
+        The gradients' global norm before clipping is left in self.last_grad_norm (clipping computes
+        it anyway; without clip_norm it is one more pass over the gradients): a float, or after
+        sync=False a 0-dim device tensor that float() reads once the device is done."""
         loss = self.forward_backward(inputs, targets)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
-        if clip_norm is not None:
-            self.clip_grad_norm(clip_norm)
+        self.last_grad_norm = self.grad_norm() if clip_norm is None else self.clip_grad_norm(clip_norm)
         optimizer.step()
         return loss
 

@@ -67,5 +67,6 @@ class TrainState:
     track_tokens_seen: list = field(default_factory=list)
     track_steps: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
+    hellaswag: list = field(default_factory=list)   # {"step", "n", "acc", "acc_norm"} of each scored evaluation
     schedule: Schedule | None = None   # set when the run starts (training/loop.py), followed after a resume
     step_seconds: float = 0.0    # time inside train_step in this process (not saved: a speed figure)

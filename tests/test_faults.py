@@ -100,7 +100,7 @@ def test_cli_nan_loss_exits_2_naming_the_step_and_keeps_the_checkpoint(tmp_path,
     assert err[-1].endswith(f"the last checkpoint, {tmp_path / 'run' / 'checkpoint.h5'} (step 3), is kept as it was")
     assert {name: (tmp_path / "run" / name).read_bytes() for name in kept} == kept
     assert npgpt.load_checkpoint(tmp_path / "run" / "checkpoint.h5")[2].global_step == 3
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.h5", "history.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.h5", "history.json", "log.jsonl"]
 
 
 def test_cli_full_disk_exits_2_and_keeps_the_checkpoint(tmp_path, text, monkeypatch, capsys):
@@ -123,9 +123,9 @@ def test_cli_full_disk_exits_2_and_keeps_the_checkpoint(tmp_path, text, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert "No space left on device" in err[-1] and err[-1].startswith("npgpt train: error: training stopped: ")
     assert err[-1].endswith(f"the last checkpoint, {out / 'checkpoint.h5'} (step 2), is kept as it was")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "history.json"]       # no temp file left
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "history.json", "log.jsonl"]   # no temp file
     assert npgpt.load_checkpoint(out / "checkpoint.h5")[2].global_step == 2
-    assert json.loads((out / "history.json").read_text())["global_step"] == 2
+    assert json.loads((out / "history.json").read_text())["global_step"] == 5     # rewritten at each evaluation
 
 
 # ---- signals ----
@@ -389,7 +389,8 @@ def test_a_checkpoint_cannot_choose_where_a_resumed_run_writes(tmp_path, text):
     ckpt = npgpt.save_checkpoint(tmp_path / "run" / "checkpoint.h5", model, npgpt.AdamW(model), run=run)
     assert main(["train", "--resume", str(ckpt), "--no-progress"]) == 0
     assert not elsewhere.exists()
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.h5", "history.json", "loss.png"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.h5", "history.json", "log.jsonl",
+                                                            "loss.png"]
 
 
 def test_convert_writes_only_inside_its_output_folder(tmp_path):

@@ -2,7 +2,8 @@
 
 `npgpt train` with no arguments is the book's chapter-5 run: the 124M model on The Verdict with
 the NumPy backend, 10 epochs, batch 2, AdamW lr 5e-4 and weight decay 0.1. The checkpoint is saved
-at the end, every --save-every steps and on Ctrl-C / SIGTERM; it keeps the run's settings, so
+at the end, at every evaluation of a run on token shards (or every --save-every steps) and on
+Ctrl-C / SIGTERM; it keeps the run's settings, so
 `npgpt train --resume CKPT` carries on with the same batches and schedule.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ RUN_DEFAULTS = {"backend": "numpy", "init_from": None, "data": None, "data_sha25
                 "max_length": None, "stride": None, "seed": 123, "lr": 5e-4, "weight_decay": 0.1,
                 "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": "all",
                 "eval_freq": 5, "eval_every": 250, "eval_iter": 5, "warmup": 0, "cosine": False, "min_lr": None,
-                "lr_decay_steps": None, "clip": None, "save_every": 0, "start_context": "Every effort moves you",
+                "lr_decay_steps": None, "clip": None, "save_every": None, "start_context": "Every effort moves you",
                 "autocast": None, "compile": False, "grad_accum": 1,
                 "world_size": 1,    # torchrun's processes, each with its own --batch-size windows a step
                 "sampling": "random"}
@@ -91,6 +91,9 @@ def add_parser(sub):
     p.add_argument("--eval-every", type=int, help=f"shards: evaluate and sample every N steps "
                                                   f"(default: {d['eval_every']})")
     p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default: {d['eval_iter']})")
+    p.add_argument("--hellaswag", metavar="FILE", help="also score HellaSwag (a jsonl as hellaswag_val.jsonl) at "
+                                                       "each evaluation: acc and acc_norm (not kept on --resume)")
+    p.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples")
     p.add_argument("--warmup", type=int, metavar="STEPS",
                    help="linear warmup: step s < STEPS runs at lr*(s+1)/(STEPS+1), from near zero to just below "
                         "--lr, as nanoGPT (appendix D starts at 3e-5 instead) (default: 0)")
@@ -105,10 +108,12 @@ def add_parser(sub):
     p.add_argument("--clip", type=float, metavar="NORM",
                    help="clip the global gradient norm to NORM on every step from the first, warmup included "
                         "(appendix D starts after warmup) (default: off, the book's)")
-    p.add_argument("--out", metavar="DIR", help="checkpoint, history.json, loss plot (default: runs/npgpt, "
+    p.add_argument("--out", metavar="DIR", help="checkpoint, history.json, log.jsonl, loss plot (default: runs/npgpt, "
                                                 "or the folder of the --resume checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-    p.add_argument("--save-every", type=int, metavar="STEPS", help="also checkpoint every N steps")
+    p.add_argument("--save-every", type=int, metavar="STEPS",
+                   help="checkpoint every N steps (default: shards, at every evaluation; a text, at the end only); "
+                        "0: at the end only (a kill loses the run)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue the run saved in a checkpoint, with its settings and schedule; the optimizer "
                         "and schedule options given with it apply from the next step, and the run says so")
@@ -125,7 +130,10 @@ def add_parser(sub):
                                                                   "checkpoint's")
     p.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {d['seed']})")
     p.add_argument("--start-context", help=f"prompt of the samples (default: {d['start_context']!r})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a line every --log-every steps")
+    p.add_argument("--log-every", type=int, metavar="N", help="--no-progress: print every N-th step's loss, lr, "
+                                                              "gradient norm and speed (default: 10; OUT/log.jsonl "
+                                                              "has every step)")
 
 
 def data_fingerprint(path: str | None) -> str:

@@ -1,8 +1,9 @@
 """`npgpt train`: the book's chapter-5 run by default, or a run by steps over token shards.
 
 Every setting is resolved and checked before a model is built (run.py); the checkpoint is written at
-the end, every --save-every steps and when a signal stops the run, never over another run's
-checkpoint without --overwrite.
+the end, at every evaluation of a shards run (or every --save-every steps) and when a signal stops
+the run, never over another run's checkpoint without --overwrite. Every step, evaluation and save
+is a line of OUT/log.jsonl (training/log.py); history.json is rewritten at each evaluation.
 """
 from __future__ import annotations
 
@@ -183,12 +184,36 @@ def _data(args, cfg, tok, ranks):
     return train, val, f"{len(train)} train / {len(val)} val batches of {B}x{T} tokens, {args.epochs} epochs"
 
 
+def _hellaswag(args, tok):
+    """--hellaswag's examples, loaded and each scored one rendered for the model (so that a bad file
+    fails before the model is built); None without it."""
+    if args.hellaswag_limit is not None and (args.hellaswag is None or args.hellaswag_limit < 1):
+        raise ValueError(f"--hellaswag-limit {args.hellaswag_limit}: expected a positive number of examples of a "
+                         "--hellaswag FILE")
+    if args.hellaswag is None:
+        return None
+    from ..hellaswag import load_examples, render
+    if not os.path.isfile(args.hellaswag):
+        raise ValueError(f"--hellaswag {args.hellaswag}: no such file")
+    try:
+        examples = load_examples(args.hellaswag)
+        for example in examples[:args.hellaswag_limit]:
+            render(example, tok, args.cfg.context_length, example["where"])
+    except ValueError as e:
+        raise ValueError(f"--hellaswag: {e}") from None
+    return examples
+
+
 def cmd_train(args):
     import npgpt
     from ..files import atomic_write
     from ..plot import plot_losses
+    from ..training.log import RunLog
 
     resolve_run(args)
+    if args.log_every is not None and (args.log_every < 1 or not args.no_progress):
+        raise ValueError(f"--log-every {args.log_every}: " + ("expected a positive number of steps"
+                         if args.log_every < 1 else "the lines replace the progress bar: give --no-progress"))
     options = torch_options(args)
     ranks = None                                # started by torchrun: data-parallel, one rank per process
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -207,6 +232,7 @@ def cmd_train(args):
     if is_main:
         check_out(out, ckpt_path, args)
     tok = run_tokenizer(args)
+    examples = _hellaswag(args, tok)
     model, opt, state = _model(args, options)
     cfg = model.cfg
     args.max_length = args.max_length or cfg.context_length
@@ -218,28 +244,50 @@ def cmd_train(args):
     if ranks is not None:
         ranks.wrap(model)
     run = {key: getattr(args, key) for key in RUN_DEFAULTS}
+    started = time.time()
+    log = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+        log = RunLog(out / "log.jsonl", args.max_steps or args.epochs * len(train_batches),
+                     print_every=(args.log_every or 10) if args.no_progress else None, started=started)
+        log.write({"kind": "run", "first_step": state.global_step + 1, "resume": args.resume,
+                   "backend": model.backend, "world_size": world_size})
 
-    def save(state):
-        if not is_main:
-            return
-        npgpt.save_checkpoint(ckpt_path, model, opt, state=state, run=run)
+    def write_history(state):
         history = {"train_losses": state.train_losses, "val_losses": state.val_losses,
                    "tokens_seen": state.track_tokens_seen, "steps": state.track_steps, "lrs": state.lrs,
+                   "hellaswag": state.hellaswag,
                    "epoch": state.epoch, "global_step": state.global_step, "config": cfg.to_dict(),
                    "backend": model.backend, "wall_time_s": round(time.time() - started, 1),
                    "train_step_s": round(state.step_seconds, 1)}
         atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
 
+    def save(state):
+        if not is_main:
+            return
+        npgpt.save_checkpoint(ckpt_path, model, opt, state=state, run=run)
+        write_history(state)
+        log.write({"kind": "save", "path": str(ckpt_path), "step": state.global_step})
+        saved_at[1] = state.global_step
+
+    def on_log(record):         # rank 0's: every step and evaluation into log.jsonl
+        log(record)
+        if record["kind"] == "eval":
+            write_history(state)
+
     stop = _StopOnSignal()
-    saved_at = [state.global_step]
+    saved_at = [state.global_step, None]        # the step the interval counts from; the last step saved
+    at_evaluations = args.save_every is None and args.max_steps is not None
+    if args.save_every == 0 and is_main:
+        print("npgpt: warning: --save-every 0 saves no checkpoint before the end (Ctrl-C and SIGTERM still do); "
+              "a kill or a crash loses the run", file=sys.stderr)
 
     def on_step(state):         # after every step on the CPU, every few on a GPU (see training/loop.py)
         if ranks:               # every rank stops at the same step, whichever got the signal
             stop.signum = ranks.agree_max(stop.signum or 0) or None
-        if args.save_every and state.global_step - saved_at[0] >= args.save_every or stop.signum is not None:
+        evaluated = state.track_steps[-1:] == [state.global_step]
+        if (args.save_every and state.global_step - saved_at[0] >= args.save_every or stop.signum is not None
+                or at_evaluations and evaluated):
             stop.save(save, state)
             saved_at[0] = state.global_step
         stop.check()
@@ -252,7 +300,8 @@ def cmd_train(args):
             print(_changes(args, state.global_step), file=sys.stderr)
     # the schedule is state.schedule; clipping (--clip) acts on every step, warmup included
     common = dict(clip_norm=args.clip, state=state, on_step=on_step, progress=not args.no_progress and is_main,
-                  print_fn=None if is_main else (lambda *_: None))
+                  print_fn=None if is_main else (lambda *_: None), on_log=on_log if is_main else None,
+                  hellaswag=examples, hellaswag_limit=args.hellaswag_limit)
     try:
         with stop:
             if args.max_steps is not None:
@@ -261,7 +310,8 @@ def cmd_train(args):
             else:
                 npgpt.train_model_simple(model, train_batches, val_batches, opt, args.epochs, args.eval_freq,
                                          args.eval_iter, args.start_context, tok, **common)
-            stop.save(save, state)
+            if saved_at[1] != state.global_step:            # not saved at the last evaluation already
+                stop.save(save, state)
     except _Stopped:
         if is_main:
             launcher = f"torchrun --nproc_per_node={world_size} -m npgpt" if ranks else "npgpt"
@@ -275,6 +325,9 @@ def cmd_train(args):
         raise npgpt.TrainingDiverged(f"training diverged at {e}; {_kept(ckpt_path)}") from e
     except OSError as e:                                     # a save failed: disk full, no permission, ...
         raise OSError(f"training stopped: {e}; {_kept(ckpt_path)}") from e
+    finally:
+        if log is not None:
+            log.close()
     if ranks is not None:
         ranks.finish()
         if not is_main:
@@ -283,6 +336,7 @@ def cmd_train(args):
         plot_losses(args.epochs, state.track_tokens_seen, state.train_losses, state.val_losses, out / "loss.png",
                     steps=state.track_steps if args.max_steps else None)
     print(f"npgpt: done in {time.time() - started:.0f} s ({state.step_seconds:.0f} s of it in training steps); "
-          f"wrote {ckpt_path}, {out / 'history.json'}{', ' + str(out / 'loss.png') if state.train_losses else ''}",
+          f"wrote {ckpt_path}, {out / 'history.json'}, {out / 'log.jsonl'}"
+          f"{', ' + str(out / 'loss.png') if state.train_losses else ''}",
           file=sys.stderr)
     return 0

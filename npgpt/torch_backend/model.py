@@ -224,8 +224,8 @@ class TorchGPT(Backend):
         if sync or not getattr(optimizer, "fused", False):
             return super().train_step(inputs, targets, optimizer, clip_norm)
         loss = self._forward_backward(inputs, targets)           # averaged over the ranks: all agree
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip_norm)
+        self.last_grad_norm = self._grad_norm() if clip_norm is None else \
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip_norm)       # a device tensor
         optimizer.step(found_inf=(~torch.isfinite(loss)).float())
         return loss
 
@@ -236,6 +236,14 @@ class TorchGPT(Backend):
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+
+    def _grad_norm(self) -> torch.Tensor:
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms))           # as clip_grad_norm_ sums them
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of all gradients (clip_grad_norm's, without the clipping)."""
+        return float(self._grad_norm())
 
     def rng_state(self) -> dict:
         """The dropout generator's state, JSON-serialisable, for checkpoints (under DDP every rank's

@@ -2,8 +2,8 @@
 
 calc_loss_batch / calc_loss_loader / evaluate_model / train_model_simple follow the book; the
 keyword-only extras of train_model_simple add appendix D's linear warmup, cosine decay and gradient
-clipping (as the GPT-2 recipe runs them: see train_model_simple), a progress bar, and the hooks the
-command line uses for checkpoints and resuming.
+clipping (as the GPT-2 recipe runs them: see train_model_simple), a progress bar, HellaSwag at each
+evaluation, and the hooks the command line uses for checkpoints, resuming and its log (on_log).
 train_steps is the same step by steps over token shards, for corpora larger than memory.
 The loop talks to the model through the Backend interface only (npgpt/base.py): train_step,
 loss, train/eval, flops_per_token and peak_flops.
@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..base import loss_value
+from ..hellaswag import hellaswag as score_hellaswag
 from ..sampling import generate
 from ..tokenizer import text_to_token_ids, token_ids_to_text
 from ..run_state import Schedule, TrainingDiverged, TrainState
@@ -83,18 +84,23 @@ def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr
 
 class _Stepper:
     """One optimizer step as both loops take it: the schedule's learning rate, gradient clipping, the
-    step itself, the run's bookkeeping in state and the progress bar.
+    step itself, the run's bookkeeping in state, the progress bar and the records given to on_log.
 
     Steps are taken with sync=False, so on a GPU the host queues step after step without waiting;
     flush() waits for the device, reads the pending losses back (a NaN or infinite one ends the run
     naming its step; its update was skipped on the device) and times the window of steps. A
     synchronous backend (the CPU) is flushed after every step, a GPU every FLUSH_EVERY steps and
-    before every evaluation, sample, save and the end."""
+    before every evaluation, sample, save and the end.
+
+    on_log(record), if given, is called at each flush with one dict per step of the window (see
+    flush) and at each evaluation with its scores (see record). hellaswag: (examples, tokenizer,
+    limit) to score at each evaluation, or None."""
 
     def __init__(self, model, optimizer, state, total_steps, world_size, clip_norm, clip_after_warmup, progress,
-                 print_fn):
+                 print_fn, on_log=None, hellaswag=None):
         self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
         self.clip_norm, self.clip_after_warmup = clip_norm, clip_after_warmup
+        self.on_log, self.hellaswag = on_log, hellaswag
         self.flush_every = 1 if model.synchronous else FLUSH_EVERY
         self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
                         desc="train", unit="step", dynamic_ncols=True)
@@ -126,7 +132,9 @@ class _Stepper:
         state.global_step = step
         state.tokens_seen += tokens
         state.lrs.append(optimizer.lr)
-        self.pending.append((step, where, loss, np.shape(inputs)[-1]))
+        # the norm before clipping: on a GPU a device tensor, read at the flush with the loss
+        self.pending.append((step, where, loss, np.shape(inputs)[-1], optimizer.lr,
+                             getattr(model, "last_grad_norm", None)))
         self.window_tokens += tokens
         self.postfix = postfix
         self.bar.update(1)
@@ -136,39 +144,64 @@ class _Stepper:
         return len(self.pending) >= self.flush_every
 
     def flush(self) -> list[float]:
-        """Wait for the device, read the pending losses, report the window's speed; -> the losses."""
+        """Wait for the device, read the pending losses, report the window's speed; -> the losses.
+        on_log gets one record a step: {"kind": "step", "step", "loss", "lr", "norm" (the gradient
+        norm before clipping), "ms" and "tok_s" (the window's: ms a step and tokens/s over every
+        rank), and "mfu" (a fraction) where the device's peak is known}."""
         if not self.pending:
             return []
         self.model.synchronize()
         seconds = time.perf_counter() - self.window_start
         self.state.step_seconds += seconds
         losses = []
-        for step, where, loss, T in self.pending:
+        for step, where, loss, *_ in self.pending:
             try:
                 losses.append(loss_value(loss))
             except FloatingPointError as e:
                 raise TrainingDiverged(f"step {step} ({where}): {e}") from None
-        speed = {"tok/s": f"{self.window_tokens / seconds:.0f}"}
+        T = self.pending[-1][3]
+        speed = {"ms": 1000 * seconds / len(self.pending), "tok_s": self.window_tokens / seconds}
         if self.model.peak_flops:                 # model FLOPs utilisation over every rank's device
             flops = self.model.flops_per_token(T) * self.window_tokens / seconds
-            speed["mfu"] = f"{flops / (self.model.peak_flops * self.world_size):.0%}"
-        self.bar.set_postfix(**self.postfix, loss=f"{losses[-1]:.3f}", lr=f"{self.optimizer.lr:.2e}", **speed)
+            speed["mfu"] = flops / (self.model.peak_flops * self.world_size)
+        shown = {"tok/s": f"{speed['tok_s']:.0f}", **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {})}
+        self.bar.set_postfix(**self.postfix, loss=f"{losses[-1]:.3f}", lr=f"{self.optimizer.lr:.2e}", **shown)
+        if self.on_log is not None:
+            for (step, _, _, _, lr, norm), loss in zip(self.pending, losses):
+                self.on_log({"kind": "step", "step": step, "loss": loss, "lr": lr,
+                             "norm": None if norm is None else float(norm), **speed})
         self.pending, self.window_tokens = [], 0
         return losses
 
     def record(self, label: str, train_loss: float, val_loss: float) -> None:
+        """Keep an evaluation's losses in state, score HellaSwag if asked (kept in state.hellaswag),
+        print the line and give on_log {"kind": "eval", "step", "train_loss", "val_loss",
+        "tokens_seen"} with "hellaswag_n", "hellaswag_acc", "hellaswag_acc_norm" when scored."""
         state = self.state
         state.train_losses.append(train_loss)
         state.val_losses.append(val_loss)
         state.track_tokens_seen.append(state.tokens_seen)
         state.track_steps.append(state.global_step)
-        self.say(f"{label} (Step {state.global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        line = f"{label} (Step {state.global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        record = {"kind": "eval", "step": state.global_step, "train_loss": train_loss, "val_loss": val_loss,
+                  "tokens_seen": state.tokens_seen}
+        if self.hellaswag is not None:
+            examples, tokenizer, limit = self.hellaswag
+            r = score_hellaswag(self.model, examples, tokenizer, limit=limit)     # dropout off, then back on
+            state.hellaswag.append({"step": state.global_step, "n": r["n"], "acc": r["acc"],
+                                    "acc_norm": r["acc_norm"]})
+            line += f", HellaSwag acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} ({r['n']} examples)"
+            record.update(hellaswag_n=r["n"], hellaswag_acc=r["acc"], hellaswag_acc_norm=r["acc_norm"])
+        self.say(line)
+        if self.on_log is not None:
+            self.on_log(record)
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
                        start_context, tokenizer, *, warmup_steps=0, cosine=False, clip_norm=None,
                        initial_lr=None, min_lr=None, decay_steps=None, clip_after_warmup=False, state=None,
-                       on_step=None, on_epoch_end=None, progress=True, print_fn=None):
+                       on_step=None, on_epoch_end=None, progress=True, print_fn=None, on_log=None,
+                       hellaswag=None, hellaswag_limit=None):
     """Train for num_epochs over train_loader, evaluating every eval_freq steps and printing a sample
     after each epoch. Returns (train_losses, val_losses, tokens_seen) as the book's function does.
 
@@ -184,6 +217,9 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
     keywords only set the schedule of a new state. on_step(state) is called once the steps so far
     are done and read back (after every step on the CPU, every FLUSH_EVERY steps and at evaluations
     and epoch ends on a GPU), on_epoch_end(state) after each epoch: checkpoints are saved from these.
+    on_log(record) gets a dict for every step and every evaluation (_Stepper.flush and .record: the
+    command line writes them to log.jsonl). hellaswag: examples (npgpt.hellaswag.load_examples), the
+    first hellaswag_limit of them (all: None) scored at each evaluation.
     """
     state = state or TrainState()
     steps_per_epoch = len(train_loader)
@@ -191,7 +227,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
     run_schedule(state, optimizer, num_epochs * steps_per_epoch, warmup_steps, cosine, initial_lr, min_lr,
                  decay_steps)
     step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, clip_norm,
-                         clip_after_warmup, progress, print_fn)
+                         clip_after_warmup, progress, print_fn, on_log,
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit))
     try:
         for epoch in range(state.epoch, num_epochs):
             state.epoch = epoch
@@ -219,18 +256,21 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
 
 def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_every, start_context, tokenizer,
                 *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=None, min_lr=None, decay_steps=None,
-                clip_after_warmup=False, state=None, on_step=None, progress=True, print_fn=None):
+                clip_after_warmup=False, state=None, on_step=None, progress=True, print_fn=None, on_log=None,
+                hellaswag=None, hellaswag_limit=None):
     """Train by steps on a corpus of token shards: step s trains on train_batches.batch(s), which
     depends on (seed, s) alone, so a resumed run (state) takes the same batches as one that never
     stopped, and a larger max_steps continues it (on its saved schedule: at min_lr past its
     decay_steps). Every eval_every steps (and at the last) it prints the mean training loss of the
     steps since the last report and the loss over val_batches (dropout off), then a greedy sample.
-    The schedule and clipping keywords are train_model_simple's; decay_steps defaults to max_steps.
+    The schedule, clipping, on_log and hellaswag keywords are train_model_simple's; decay_steps
+    defaults to max_steps.
     """
     state = state or TrainState()
     run_schedule(state, optimizer, max_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps)
     step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, clip_norm, clip_after_warmup,
-                         progress, print_fn)
+                         progress, print_fn, on_log,
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit))
     recent = []
     try:
         model.train()

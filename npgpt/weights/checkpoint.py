@@ -8,7 +8,9 @@ Layout:
   /train_state     attrs: epoch, global_step, tokens_seen, rng (JSON; backend-specific),
                           schedule (JSON: run_state.Schedule, once a training loop has run),
                           run (JSON: the command line's settings, if any)
-                   datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs
+                   datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs,
+                             hellaswag ((k, 4): step, n, acc, acc_norm of each scored evaluation;
+                             absent from files written before it: none)
 A file is written to a temporary name beside the target (.NAME.*.tmp), flushed, fsynced and
 renamed over it, so a crash leaves either the old checkpoint or the new one, never half of one.
 Loading reads each tensor straight into the NumPy model's (and optimizer's) flat buffers; the
@@ -44,6 +46,7 @@ FORMAT = "npgpt-checkpoint"
 VERSION = 3                 # 2 added the root checksum, 3 the schedule and the optimizer's decay groups by name
 _TENSOR_GROUPS = ("params/", "optimizer/exp_avg/", "optimizer/exp_avg_sq/")     # data under their own crc32
 _STATE_LISTS = ("train_losses", "val_losses", "track_tokens_seen", "track_steps", "lrs")
+_HELLASWAG = ("step", "n", "acc", "acc_norm")       # the columns of train_state/hellaswag
 
 
 def _crc32(array: np.ndarray) -> int:
@@ -161,6 +164,8 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                 t.attrs["schedule"] = _fixed(json.dumps(state.schedule.to_dict()))
             for name in _STATE_LISTS:
                 t.create_dataset(name, data=np.asarray(getattr(state, name), dtype=np.float64))
+            t.create_dataset("hellaswag", data=np.asarray([[r[k] for k in _HELLASWAG] for r in state.hellaswag],
+                                                          dtype=np.float64).reshape(-1, len(_HELLASWAG)))
             f.attrs["checksum"] = _digest(f)
             f.flush()
 
@@ -243,6 +248,9 @@ def _contents(f: h5py.File, path: Path) -> dict:
     for name in _STATE_LISTS:
         values = t[name][()].tolist()
         setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
+    if "hellaswag" in t:
+        state.hellaswag = [{"step": int(step), "n": int(n), "acc": acc, "acc_norm": acc_norm}
+                           for step, n, acc, acc_norm in t["hellaswag"][()].reshape(-1, len(_HELLASWAG)).tolist()]
     out["state"], out["rng"] = state, json.loads(_text(t.attrs["rng"]))
     out["run"] = json.loads(_text(t.attrs["run"])) if "run" in t.attrs else {}
     for key in ("rng", "run"):
