@@ -18,6 +18,8 @@ class GPTConfig:
     n_layers: int = 12           # L: transformer blocks
     drop_rate: float = 0.1       # dropout after embeddings, on attention weights and on both residual branches
     qkv_bias: bool = False       # bias in the query/key/value projection (GPT-2 has one, the book's 124M run not)
+    bias: bool = True            # biases in every LayerNorm and the other Linears (GPT-2's, the book's); False is
+                                 # nanoGPT's default bias=False, "a bit better and faster"; then qkv_bias must be False
     tie_weights: bool = False    # output head shares wte (GPT-2) or has its own lm_head.weight (the book)
     emb_init_std: float = 1.0    # std of wte and wpe at initialisation: 1.0 as the book's nn.Embedding, 0.02 in GPT-2
 
@@ -35,9 +37,12 @@ class GPTConfig:
         std = self.emb_init_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 < std < float("inf"):
             raise ValueError(f"GPTConfig.emb_init_std must be a positive number, got {std!r}")
-        for name in ("qkv_bias", "tie_weights"):
+        for name in ("qkv_bias", "bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.qkv_bias and not self.bias:
+            raise ValueError("GPTConfig.qkv_bias=True needs bias=True: bias=False (nanoGPT's) has no bias in any "
+                             "Linear, the query/key/value projection included")
 
     @property
     def head_dim(self) -> int:

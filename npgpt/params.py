@@ -12,26 +12,24 @@ from .config import GPTConfig
 
 
 def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's GPT-2 name and shape, weights in PyTorch's (out, in) layout, in model order."""
+    """Every parameter's GPT-2 name and shape, weights in PyTorch's (out, in) layout, in model order.
+    cfg.bias=False (nanoGPT's) leaves out every *.bias, of the LayerNorms and of the Linears."""
     V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
     shapes = {"wte": (V, C), "wpe": (T, C)}
+
+    def add(name, weight_shape, bias=cfg.bias):
+        shapes[name + ".weight"] = weight_shape
+        if bias:
+            shapes[name + ".bias"] = weight_shape[:1]
     for i in range(cfg.n_layers):
         h = f"h.{i}."
-        shapes[h + "ln_1.weight"] = (C,)
-        shapes[h + "ln_1.bias"] = (C,)
-        shapes[h + "attn.c_attn.weight"] = (3 * C, C)
-        if cfg.qkv_bias:
-            shapes[h + "attn.c_attn.bias"] = (3 * C,)
-        shapes[h + "attn.c_proj.weight"] = (C, C)
-        shapes[h + "attn.c_proj.bias"] = (C,)
-        shapes[h + "ln_2.weight"] = (C,)
-        shapes[h + "ln_2.bias"] = (C,)
-        shapes[h + "mlp.c_fc.weight"] = (4 * C, C)
-        shapes[h + "mlp.c_fc.bias"] = (4 * C,)
-        shapes[h + "mlp.c_proj.weight"] = (C, 4 * C)
-        shapes[h + "mlp.c_proj.bias"] = (C,)
-    shapes["ln_f.weight"] = (C,)
-    shapes["ln_f.bias"] = (C,)
+        add(h + "ln_1", (C,))
+        add(h + "attn.c_attn", (3 * C, C), bias=cfg.qkv_bias)
+        add(h + "attn.c_proj", (C, C))
+        add(h + "ln_2", (C,))
+        add(h + "mlp.c_fc", (4 * C, C))
+        add(h + "mlp.c_proj", (C, 4 * C))
+    add("ln_f", (C,))
     if not cfg.tie_weights:
         shapes["lm_head.weight"] = (V, C)
     return shapes

@@ -34,7 +34,10 @@ SHARD_RE = re.compile(r"(?P<name>.+)_(?P<split>train|val)_(?P<index>\d+)\.bin") 
 # What TokenDir reads: any *train*.bin or *val*.bin, the greedy prefix making the last word the split.
 SPLIT_RE = re.compile(r"(?P<prefix>.*)(?P<split>train|val)(?P<rest>.*)\.bin")
 RAW_NAMES = ("train.bin", "val.bin")    # nanoGPT's, headerless (an llm.c header makes them llm.c files)
-MAGIC_BYTES = MAGIC.to_bytes(4, "little")
+# llm.c's other files, so that one given as a token shard is named: its Llama 3 token shards
+# (dev/data/data_common.py, "llama-3": version 7, uint32 tokens) and its model files (train_gpt2.c)
+LLAMA3_MAGIC, LLAMA3_VERSION, LLMC_MODEL_MAGIC = 20240801, 7, 20240326
+LLMC_MAGICS = {m.to_bytes(4, "little") for m in (MAGIC, LLAMA3_MAGIC, LLMC_MODEL_MAGIC)}
 SPLITS = ("val", "train")
 SAMPLINGS = ("random", "epoch")          # how TrainBatches draws a step's windows
 
@@ -99,11 +102,18 @@ def read_shard(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header of an llm.c shard")
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    if header[0] == LLAMA3_MAGIC:
+        raise ValueError(f"{path}: an llm.c Llama 3 token shard (magic {LLAMA3_MAGIC}, version {header[1]}, uint32 "
+                         f"tokens, as dev/data's --model=llama-3 writes); npgpt trains GPT-2, whose shards have "
+                         f"magic {MAGIC}, version {VERSION}: write them with --model=gpt-2, or npgpt prepare")
+    if header[0] == LLMC_MODEL_MAGIC:
+        raise ValueError(f"{path}: an llm.c model file (magic {LLMC_MODEL_MAGIC}, GPT-2 weights), not a token "
+                         "shard; give it to --init-from or npgpt convert, and --data a folder of token shards")
     if header[0] != MAGIC:
         raise ValueError(f"{path}: magic number {header[0]}, expected {MAGIC} (an llm.c token shard)")
     if header[1] != VERSION:
-        raise ValueError(f"{path}: version {header[1]}, expected {VERSION} (uint16 GPT-2 tokens; "
-                         "llm.c's version 2 holds uint32 Llama 3 tokens)")
+        raise ValueError(f"{path}: version {header[1]}, expected {VERSION} (an llm.c GPT-2 token shard: uint16 "
+                         "tokens)")
     n_tokens = int(header[2])
     if n_tokens < 0 or size != HEADER_BYTES + 2 * n_tokens:
         raise ValueError(f"{path}: the header says {n_tokens} tokens, {HEADER_BYTES + 2 * n_tokens} bytes "
@@ -271,8 +281,9 @@ def _natural(name: str) -> list:
 
 
 def _has_header(path: Path) -> bool:
+    """Whether a file starts with one of llm.c's magic numbers (then it is no headerless nanoGPT file)."""
     with open(path, "rb") as f:
-        return f.read(4) == MAGIC_BYTES
+        return f.read(4) in LLMC_MAGICS
 
 
 def _in_order(found: dict[str, list]) -> dict[str, list[Path]]:
@@ -346,6 +357,10 @@ class TokenDir:
                 if split not in raw:
                     raise ValueError(f"{path / (split + '.bin')}: missing; nanoGPT's format needs both train.bin "
                                      "and val.bin")
+            if (path / "meta.pkl").exists():     # a pickle: never opened, the run is refused instead
+                raise ValueError(f"{path / 'meta.pkl'}: nanoGPT's character-level vocabulary (its prepare.py "
+                                 "for shakespeare_char); npgpt trains GPT-2's BPE tokens only: tokenize the text "
+                                 "with npgpt prepare, or use nanoGPT's BPE data (shakespeare, openwebtext)")
             self.name, self.format = None, "nanogpt"
             self.files = {s: [raw[s]] for s in SPLITS}
             self.val, self.train = [read_raw_tokens(raw["val"])], [read_raw_tokens(raw["train"])]

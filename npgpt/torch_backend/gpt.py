@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.layer = cfg.n_heads, layer
         self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
         self.attn_dropout = Dropout(cfg.drop_rate, f"h.{layer}.attn")
 
     def forward(self, x, cache: KVCache | None = None):
@@ -79,22 +79,23 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; registration order gives param_shapes' order of names."""
+    """Pre-LN transformer block; registration order gives param_shapes' order of names. With
+    cfg.bias=False (nanoGPT's) no LayerNorm or Linear has a bias (nn.LayerNorm's bias= needs torch 2.1)."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer)
         self.drop_1 = Dropout(cfg.drop_rate, f"h.{layer}.resid_1")
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
         self.mlp = MLP(cfg)
         self.drop_2 = Dropout(cfg.drop_rate, f"h.{layer}.resid_2")
 
@@ -112,7 +113,7 @@ class GPT(nn.Module):
         self.wpe = nn.Parameter(torch.empty(cfg.context_length, cfg.emb_dim))
         self.drop = Dropout(cfg.drop_rate, "emb")
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
         self.lm_head = None if cfg.tie_weights else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
     def set_dropout_masks(self, fn) -> None:
