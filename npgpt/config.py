@@ -41,8 +41,8 @@ class GPTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.qkv_bias and not self.bias:
-            raise ValueError("GPTConfig.qkv_bias=True needs bias=True: bias=False (nanoGPT's) has no bias in any "
-                             "Linear, the query/key/value projection included")
+            raise ValueError("GPTConfig.qkv_bias=True needs bias=True (--no-bias needs --no-qkv-bias): bias=False, "
+                             "nanoGPT's, has no bias in any Linear, the query/key/value projection included")
 
     @property
     def head_dim(self) -> int:

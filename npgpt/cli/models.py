@@ -28,11 +28,18 @@ def add_parsers(sub):
                    "context length; 256 with --pretrained, the book's exercise 5.5)")
     c = sub.add_parser("convert", help="convert weights between formats")
     c.add_argument("input", metavar="IN", help="an OpenAI GPT-2 folder, a Hugging Face folder or .safetensors, "
-                                               "a book .pth, an npgpt .h5")
+                                               "a book .pth, a nanoGPT ckpt.pt, an llm.c model .bin, an npgpt "
+                                               ".h5, or gpt2 / gpt2-medium / -large / -xl from a local Hugging "
+                                               "Face cache")
     c.add_argument("output", metavar="OUT", help="OUT.h5: npgpt checkpoint; OUT.safetensors: one file with "
-                                                 "Hugging Face names; anything else: a Hugging Face folder")
+                                                 "Hugging Face names; OUT.bin: an llm.c model file; anything "
+                                                 "else: a Hugging Face folder")
     c.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
-    c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="of the written weights")
+    c.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="of the written weights (bfloat16: an llm.c .bin only, its version 5; default float32, "
+                        "version 3)")
+    c.add_argument("--vocab-size", type=int, metavar="V", help="an llm.c IN: its V drops wte's padded rows (the "
+                                                               "default), its Vp keeps them")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the input itself)")
 
 
@@ -124,8 +131,16 @@ def cmd_convert(args):
         raise ValueError(f"{out}: is the input {src} (or inside it); write the converted weights elsewhere")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it")
-    model = npgpt.load_pretrained(args.input, dtype=args.dtype, n_heads=args.n_heads)
-    if out.suffix in (".h5", ".hdf5"):
+    llmc = out.suffix == ".bin"
+    if args.dtype == "bfloat16" and not llmc:
+        raise ValueError(f"--dtype bfloat16: {out} is not an llm.c .bin; npgpt's other formats hold float32 or "
+                         "float64")
+    model = npgpt.load_pretrained(args.input, dtype="float32" if llmc else args.dtype, n_heads=args.n_heads,
+                                  vocab_size=args.vocab_size)
+    if llmc:
+        from ..weights.llmc import write_llmc
+        write_llmc(model, out, dtype=args.dtype)
+    elif out.suffix in (".h5", ".hdf5"):
         npgpt.save_checkpoint(out, model)
     elif out.suffix == ".safetensors":
         save_safetensors(model, out)

@@ -29,7 +29,7 @@ CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "cosine",
 # the model's shape: flag -> GPTConfig field; each overrides the preset's (a resumed or --init-from run's shape is
 # its weights')
 SHAPE_FLAGS = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "emb_dim", "context_length": "context_length",
-               "vocab_size": "vocab_size", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights",
+               "vocab_size": "vocab_size", "qkv_bias": "qkv_bias", "bias": "bias", "tie_weights": "tie_weights",
                "drop_rate": "drop_rate"}
 TOKENIZER_VOCAB = 50257                 # GPT-2's BPE: the ids the data and the samples use
 TEXT_ONLY, SHARDS_ONLY = ("epochs", "stride", "eval_freq"), ("max_steps", "eval_every", "sampling")
@@ -58,6 +58,9 @@ def add_parser(sub):
                             "runs faster on a GPU; the padded rows are never targets)")
     shape.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction,
                        help="a bias in the query/key/value projection (GPT-2's; not the book's 124M)")
+    shape.add_argument("--bias", action=argparse.BooleanOptionalAction,
+                       help="biases in every LayerNorm and Linear (GPT-2's, the book's); --no-bias is nanoGPT's "
+                            "default bias=False, and needs --no-qkv-bias")
     shape.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
                        help="the output head shares the token embedding (GPT-2's; not the book's 124M)")
     shape.add_argument("--drop-rate", type=float, help="dropout rate (default: the preset's, or the --init-from "

@@ -180,8 +180,9 @@ def open_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not h5py.is_hdf5(path):
-        raise CheckpointError(f"{path}: not an HDF5 file (empty, truncated or another format); "
-                              "expected an npgpt .h5 checkpoint")
+        foreign = _foreign(path)
+        raise CheckpointError(f"{path}: {foreign}" if foreign else f"{path}: not an HDF5 file (empty, truncated or "
+                              "another format); expected an npgpt .h5 checkpoint")
     try:
         f = h5py.File(path, "r")
     except Exception as e:                  # h5py's errors on a damaged file are of many types
@@ -194,6 +195,29 @@ def open_checkpoint(path):
         except Exception as e:
             raise CheckpointError(f"{path}: damaged or incomplete checkpoint ({type(e).__name__}: {e})") from None
         yield out
+
+
+def _foreign(path: Path) -> str | None:
+    """What another tool's file given as npgpt's checkpoint is, and what to run instead; None if unknown."""
+    from .llmc import MAGIC, is_llmc_file
+    from .nanogpt import is_checkpoint
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if int.from_bytes(head, "little") == MAGIC:
+        return (f"an llm.c model file, not an npgpt checkpoint: npgpt cannot continue llm.c's optimizer and "
+                f"schedule; start a new run from its weights with --init-from {path}")
+    if is_llmc_file(path):
+        return "an llm.c token shard, not an npgpt checkpoint: give its folder to --data"
+    if head[:2] != b"PK":                           # torch.save's zip archive
+        return None
+    from .lazy import torch_file
+    try:
+        is_nanogpt = is_checkpoint(torch_file(path))
+    except ValueError:
+        return None
+    what = "nanoGPT's ckpt.pt" if is_nanogpt else "a PyTorch file"
+    return (f"{what}, not an npgpt checkpoint: npgpt cannot continue its optimizer and schedule; start a new "
+            f"run from its weights with --init-from {path}")
 
 
 def _contents(f: h5py.File, path: Path) -> dict:

@@ -113,6 +113,11 @@ class TorchReader(Reader):
 def torch_state_dict(path) -> dict:
     """A .pth / .bin state_dict through torch.load(weights_only=True): tensors and plain
     containers only; a file that needs any other class to unpickle is refused, never run."""
+    return state_dict_of(torch_file(path), path)
+
+
+def torch_file(path):
+    """What a PyTorch file holds, through torch.load(weights_only=True) (memory-mapped where it can be)."""
     import pickle
     import warnings
     import torch
@@ -136,11 +141,21 @@ def torch_state_dict(path) -> dict:
         reason = "" if "weights_only" in reason else reason            # torch's advice to unpickle anyway
         raise ValueError(f"{path}: not a PyTorch state_dict npgpt can read (damaged, truncated or another "
                          f"format; {type(e).__name__}{f': {reason}' if reason else ''})") from None
+    return state
+
+
+def state_dict_of(state, path) -> dict:
+    """The state_dict in what torch_file read: itself, the book's model_state_dict, or nanoGPT's ckpt.pt
+    "model"; the names without the wrappers' prefixes."""
+    import torch
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]                         # the book's model + optimizer file
+    elif isinstance(state, dict) and "model" in state and "model_args" in state:
+        state = state["model"]                                    # nanoGPT's ckpt.pt (train.py's checkpoint)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"{path}: expected a state_dict (names -> tensors), got {type(state).__name__}"
-                         + (" with other entries" if isinstance(state, dict) else ""))
+                         + (f" with other entries ({', '.join(sorted(map(str, state))[:6])})"
+                            if isinstance(state, dict) else ""))
     strip = re.compile(r"^(module\.|_orig_mod\.)+")                # DDP / torch.compile wrappers
     return {strip.sub("", k): v for k, v in state.items()}

@@ -6,7 +6,10 @@ load_pretrained(path) recognises
   Hugging Face GPT-2       a folder with config.json and model.safetensors (or shards, or
                            pytorch_model.bin), or one .safetensors file (safetensors.py)
   the book's GPTModel      a .pth state_dict, or its {"model_state_dict", "optimizer_state_dict"} file
+  nanoGPT                  its train.py's ckpt.pt, or a bare state_dict of its GPT (nanogpt.py)
+  llm.c                    its model files, gpt2_124M.bin and model_*.bin (llmc.py)
   npgpt's checkpoint       .h5 (checkpoint.py)
+  a GPT-2 name             gpt2, gpt2-medium, gpt2-large, gpt2-xl: found in a local Hugging Face cache (hub.py)
 reads each format's hyperparameters into a GPTConfig, and maps its tensors onto npgpt's names and
 (out, in) layout (names.py). Tensors are read one at a time straight into the model's
 parameter buffer (lazy.py), so loading costs the weights' size in memory, not twice that.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -24,7 +28,10 @@ import numpy as np
 from ..config import GPTConfig
 from ..files import atomic_write
 from .checkpoint import open_checkpoint
-from .lazy import TorchReader, build_loaded_model, torch_state_dict
+from . import nanogpt
+from .hub import resolve_name
+from .lazy import TorchReader, build_loaded_model, state_dict_of, torch_file, torch_state_dict
+from .llmc import is_llmc_file, open_llmc
 from .safetensors import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
 from .tfbundle import TFBundleReader, checkpoint_prefix
 from .names import book_source, hf_source, hf_tensors, map_params, openai_source
@@ -169,6 +176,8 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
     ignore = HF_IGNORED + ((r"lm_head\.weight",) if cfg.tie_weights else ())
     if not cfg.qkv_bias:                   # npgpt's own file: hf_tensors wrote zeros for GPT-2's format
         ignore += (rf"{re.escape(prefix)}h\.\d+\.attn\.c_attn\.bias",)
+    if not cfg.bias:                       # and for every other bias
+        ignore += (rf"{re.escape(prefix)}(h\.\d+\.)?[\w.]+\.bias",)
     return cfg, map_params(reader, cfg, lambda n: hf_source(n, prefix), ignore)
 
 
@@ -192,7 +201,7 @@ def _open_npgpt(stack, path: Path, n_heads, drop_rate):
 
 
 def detect_format(path) -> str:
-    """'openai', 'hf', 'book' or 'npgpt', from the files a path holds."""
+    """'openai', 'hf', 'book', 'nanogpt', 'llmc' or 'npgpt', from the files a path holds."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir())
@@ -215,45 +224,84 @@ def detect_format(path) -> str:
         magic = f.read(8)
     if magic == b"\x89HDF\r\n\x1a\n":
         return "npgpt"
+    if is_llmc_file(path):
+        return "llmc"
     if path.suffix == ".safetensors":
         return "hf"
     if magic[:2] == b"PK" or path.suffix in (".pth", ".pt", ".bin"):
-        names = torch_state_dict(path)
-        return "book" if "tok_emb.weight" in names else "hf"
+        obj = torch_file(path)
+        if nanogpt.is_checkpoint(obj):
+            return "nanogpt"
+        names = state_dict_of(obj, path)
+        if "tok_emb.weight" in names:
+            return "book"
+        return "nanogpt" if nanogpt.is_state_dict({n: tuple(t.shape) for n, t in names.items()}) else "hf"
     raise ValueError(f"{path}: not a weight file npgpt reads; expected an npgpt .h5, a .safetensors, a book "
-                     ".pth or a Hugging Face pytorch_model.bin, or an OpenAI / Hugging Face GPT-2 folder")
+                     ".pth, a Hugging Face pytorch_model.bin, a nanoGPT ckpt.pt, an llm.c model .bin, or an "
+                     "OpenAI / Hugging Face GPT-2 folder")
 
 
-def _open(stack, path: Path, n_heads, drop_rate, verify):
-    """(GPTConfig, {name: LazyParam}) of the weights at path, open until stack closes."""
+def weights_path(path) -> Path:
+    """path, or where a GPT-2 name (gpt2, ..., gpt2-xl) is in a local Hugging Face cache."""
+    path = Path(path)
+    if path.exists():
+        return path
+    # the command line hands over --init-from as an absolute path: ./gpt2 is the name gpt2 there too
+    name = path.name if path.parent.resolve() == Path.cwd().resolve() else str(path)
+    return resolve_name(name) or path
+
+
+def _open(stack, path: Path, n_heads, drop_rate, verify, vocab_size=None, notes=None):
+    """(GPTConfig, {name: LazyParam}) of the weights at path, open until stack closes; what the
+    file holds besides the weights that is not read goes into notes."""
+    path = weights_path(path)
     kind = detect_format(path)
+    if vocab_size is not None and kind != "llmc":
+        raise ValueError(f"{path}: vocab_size applies to llm.c's model files (their padded rows); the "
+                         "vocabulary of other weights is theirs")
     if kind == "openai":
         return _open_openai(stack, path if path.is_dir() else path.parent, n_heads, drop_rate, verify)
     if kind == "hf":
         return _open_hf(stack, path, n_heads, drop_rate)
     if kind == "book":
         return _open_book(path, n_heads, drop_rate)
+    if kind == "nanogpt":
+        obj = torch_file(path)
+        if notes is not None and nanogpt.is_checkpoint(obj):
+            notes.append(f"{path}: {nanogpt.describe(obj)}")
+        return nanogpt.open_nanogpt(obj, path, n_heads, drop_rate)
+    if kind == "llmc":
+        cfg, params = open_llmc(stack, path, vocab_size, drop_rate)
+        _check_override("n_heads", cfg.n_heads, n_heads, path)
+        return cfg, params
     return _open_npgpt(stack, path, n_heads, drop_rate)
 
 
-def pretrained_config(path, *, n_heads: int | None = None, drop_rate: float | None = None) -> GPTConfig:
+def pretrained_config(path, *, n_heads: int | None = None, drop_rate: float | None = None,
+                      vocab_size: int | None = None) -> GPTConfig:
     """The GPTConfig of the weights at path, read without reading the weights (load_pretrained's
     arguments)."""
     with ExitStack() as stack:
-        return _open(stack, Path(path), n_heads, drop_rate, verify=False)[0]
+        return _open(stack, Path(path), n_heads, drop_rate, verify=False, vocab_size=vocab_size)[0]
 
 
 def load_pretrained(path, backend="numpy", dtype="float32", device=None, *, n_heads: int | None = None,
-                    drop_rate: float | None = None, verify: bool = True, seed: int = 123, **torch_options):
+                    drop_rate: float | None = None, verify: bool = True, seed: int = 123,
+                    vocab_size: int | None = None, **torch_options):
     """A model with the weights at path (any format of this module's docstring).
 
     n_heads: for files that do not record it (the book's .pth, a bare .safetensors); default
     emb_dim // 64. drop_rate: dropout for further training (default: the file's, else GPT-2's 0.1).
     verify: check the crc32c of every tensor of an OpenAI checkpoint (about 2 s per GB here).
+    vocab_size: an llm.c file's rows: its V (the default) drops the padded rows of wte, its Vp keeps them.
     torch_options: build_model's (autocast, compile, grad_accum), for the torch backend.
+    A nanoGPT ckpt.pt's optimizer state is not read, and a line on stderr says so.
     """
+    notes = []
     with ExitStack() as stack:
-        cfg, params = _open(stack, Path(path), n_heads, drop_rate, verify)
+        cfg, params = _open(stack, Path(path), n_heads, drop_rate, verify, vocab_size, notes)
+        for note in notes:
+            print(f"npgpt: {note}", file=sys.stderr)
         return build_loaded_model(cfg, params, backend=backend, dtype=dtype, device=device, seed=seed,
                                   **torch_options)
 
@@ -262,7 +310,7 @@ def load_tokenizer(path):
     """The tokenizer that comes with the weights at path: encoder.json + vocab.bpe (OpenAI) or
     vocab.json + merges.txt (Hugging Face) beside them, else the bundled GPT-2 one."""
     from ..tokenizer import get_tokenizer, tokenizer_from_openai_files
-    path = Path(path)
+    path = weights_path(path)
     folder = path if path.is_dir() else path.parent
     for encoder, merges in TOKENIZER_FILES:
         if (folder / encoder).is_file() and (folder / merges).is_file():
