@@ -109,16 +109,17 @@ def _filler(reader: Reader, sources: list[str], kind: str):
 
 def hf_tensors(model) -> dict:
     """The model's parameters under GPT2LMHeadModel's names and layout (Conv1D weights (in, out)).
-    GPT-2 always has a c_attn bias: a model without one (qkv_bias=False) gets zeros, which is the same.
-    The NumPy backend's arrays are its own (param_views), and each transposed weight a LazyParam, so
-    a writer holds one transposed tensor at a time, not a copy of the model."""
+    GPT-2 always has every bias: a model without some (qkv_bias=False, bias=False) gets zeros there,
+    which is the same. The NumPy backend's arrays are its own (param_views), and each transposed weight
+    a LazyParam, so a writer holds one transposed tensor at a time, not a copy of the model."""
     cfg = model.cfg
     params = model.param_views() if hasattr(model, "param_views") else model.params()
     transposed = lambda p: LazyParam(p.shape[::-1], p.dtype, lambda out: np.copyto(out, p.T))
+    every = param_shapes(GPTConfig(**{**cfg.to_dict(), "bias": True, "qkv_bias": True}))
+    dtype = params["wte"].dtype
     out = {}
-    for name, p in params.items():
+    for name, shape in every.items():
         (source,), kind = hf_source(name)
-        out[source] = transposed(p) if kind == "T" else p
-        if name.endswith("attn.c_attn.weight") and not cfg.qkv_bias:
-            out[source.replace(".weight", ".bias")] = np.zeros(3 * cfg.emb_dim, p.dtype)
+        p = params.get(name)
+        out[source] = np.zeros(shape, dtype) if p is None else transposed(p) if kind == "T" else p
     return out
