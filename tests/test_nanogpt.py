@@ -203,3 +203,14 @@ def test_meta_pkl_beside_train_bin_is_refused_unread(tmp_path, capsys):
         TokenDir(tmp_path)
     assert main(["train", "--data", str(tmp_path), "--max-steps", "1", "--preset", "tiny"]) == 2
     assert "character-level vocabulary" in capsys.readouterr().err
+
+
+def test_train_no_bias_flag_trains_and_saves_the_shape(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("Every effort moves you forward, one small step at a time. " * 12)
+    assert main(["train", "--backend", "torch", "--preset", "tiny", "--no-bias", "--data", str(tmp_path / "t.txt"),
+                 "--epochs", "1", "--max-length", "16", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "--no-bias" in capsys.readouterr().err
+    cfg = npgpt.load_checkpoint(tmp_path / "run" / "checkpoint.h5", backend="torch")[0].cfg
+    assert cfg.bias is False and not [n for n in npgpt.param_shapes(cfg) if n.endswith(".bias")]
+    assert main(["train", "--backend", "torch", "--preset", "gpt2-small", "--no-bias"]) == 2
+    assert "--no-bias needs --no-qkv-bias" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_the_shape_flags_override_the_preset(shards, tmp_path, capsys):
                  "--drop-rate", "0.05") == 0
     err = capsys.readouterr().err
     assert ("npgpt: model --n-layer 3 --n-head 4 --n-embd 16 --context-length 32 --vocab-size 50304 --qkv-bias "
-            "--tie-weights --drop-rate 0.05") in err
+            "--bias --tie-weights --drop-rate 0.05") in err
     with h5py.File(out / "checkpoint.h5") as f:                       # shapes as h5py reads them
         shapes = {name: f["params"][name].shape for name in f["params"]}
     assert shapes["wte"] == (50304, 16) and shapes["wpe"] == (32, 16)
