@@ -59,3 +59,13 @@ def resolve_name(name: str) -> Path | None:
                             f"{', '.join(map(str, caches))}); on a machine with network run "
                             f"`huggingface-cli download {short}` and copy its cache here (or set HF_HOME), or "
                             "give the weights' folder as the path; npgpt never downloads")
+
+
+def weights_path(path) -> Path:
+    """path, or where a GPT-2 name (gpt2, ..., gpt2-xl) is in a local Hugging Face cache."""
+    path = Path(path)
+    if path.exists():
+        return path
+    # the command line hands over --init-from as an absolute path: ./gpt2 is the name gpt2 there too
+    name = path.name if path.parent.resolve() == Path.cwd().resolve() else str(path)
+    return resolve_name(name) or path

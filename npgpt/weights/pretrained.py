@@ -29,7 +29,7 @@ from ..config import GPTConfig
 from ..files import atomic_write
 from .checkpoint import open_checkpoint
 from . import nanogpt
-from .hub import resolve_name
+from .hub import weights_path
 from .lazy import TorchReader, build_loaded_model, state_dict_of, torch_file, torch_state_dict
 from .llmc import is_llmc_file, open_llmc
 from .safetensors import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
@@ -239,16 +239,6 @@ def detect_format(path) -> str:
     raise ValueError(f"{path}: not a weight file npgpt reads; expected an npgpt .h5, a .safetensors, a book "
                      ".pth, a Hugging Face pytorch_model.bin, a nanoGPT ckpt.pt, an llm.c model .bin, or an "
                      "OpenAI / Hugging Face GPT-2 folder")
-
-
-def weights_path(path) -> Path:
-    """path, or where a GPT-2 name (gpt2, ..., gpt2-xl) is in a local Hugging Face cache."""
-    path = Path(path)
-    if path.exists():
-        return path
-    # the command line hands over --init-from as an absolute path: ./gpt2 is the name gpt2 there too
-    name = path.name if path.parent.resolve() == Path.cwd().resolve() else str(path)
-    return resolve_name(name) or path
 
 
 def _open(stack, path: Path, n_heads, drop_rate, verify, vocab_size=None, notes=None):
