@@ -18,6 +18,7 @@ import pytest
 import npgpt
 from npgpt.cli import main
 from npgpt.data.shards import TokenDir
+from npgpt.weights.checkpoint import read_checkpoint
 from npgpt.weights.pretrained import detect_format
 from parity.helpers import assert_close
 
@@ -214,3 +215,16 @@ def test_train_no_bias_flag_trains_and_saves_the_shape(tmp_path, capsys):
     assert cfg.bias is False and not [n for n in npgpt.param_shapes(cfg) if n.endswith(".bias")]
     assert main(["train", "--backend", "torch", "--preset", "gpt2-small", "--no-bias"]) == 2
     assert "--no-bias needs --no-qkv-bias" in capsys.readouterr().err
+
+
+def test_init_from_a_ckpt_pt_starts_a_new_run_from_its_weights(tmp_path, capsys):
+    args = {**model_args(False), "vocab_size": 50304}                 # nanoGPT's padded vocabulary
+    ref = NanoGPT(args)
+    save_ckpt(tmp_path / "ckpt.pt", ref, args, compiled=True)
+    (tmp_path / "t.txt").write_text("Every effort moves you forward, one small step at a time. " * 12)
+    assert main(["train", "--backend", "torch", "--init-from", str(tmp_path / "ckpt.pt"), "--data",
+                 str(tmp_path / "t.txt"), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "nanoGPT checkpoint at iter_num 2000" in err and "--vocab-size 50304 --no-qkv-bias --no-bias" in err
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.h5")
+    assert ckpt["optimizer"]["step"] >= 1 and ckpt["config"].bias is False
