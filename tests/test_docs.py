@@ -49,6 +49,12 @@ SHRINK_TEXT = [*SHRINK, "--batch-size", "4"]
 SHORT_TEXT = 2000           # characters: 12 train windows of 32 tokens (3 steps an epoch), 1 val window
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here(one_thread):
+    """The in-process commands run on one thread, as torchrun's ranks do (OMP_NUM_THREADS=1): on a
+    machine busy with other work, two spinning threads a command cost more than they give."""
+
+
 def commands(page: str) -> list[tuple[int, str, str | None]]:
     """(line number, command, why it is left out or None) for every command of the page's bash blocks."""
     lines = (REPO / page).read_text(encoding="utf-8").splitlines()
@@ -184,7 +190,6 @@ def test_every_command_of_the_page_runs(page, tmp_path, verdict_text):
         print(f"ran {page}:{n} in {s:.1f} s: {command[:100]}")
     for n, command, why in left_out:
         print(f"left out {page}:{n} (needs: {why}): {command[:100]}")
-    assert len(ran) + len(left_out) == len(found)
 
 
 def test_the_pages_commands_are_found_and_the_slow_ones_marked():
