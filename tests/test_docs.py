@@ -146,7 +146,10 @@ def run(tokens: list[str], cwd: Path) -> None:
     argv = argv_of(tokens, cwd)
     if tokens[0] == "npgpt":
         with contextlib.chdir(cwd):
-            code = main(argv)
+            try:
+                code = main(argv)
+            except SystemExit as e:             # argparse's answer to a flag it does not know
+                code = e.code
         assert code == 0, f"`{shlex.join(tokens)}` exited {code} (npgpt {shlex.join(argv)})"
         return
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", NPGPT_NUM_THREADS="1")
