@@ -10,8 +10,8 @@ How a command runs, the same for every page:
 - `npgpt ARGS` as `npgpt.cli.main(ARGS)` (what the `npgpt` script calls; in this process, which
   saves each command the imports), `torchrun ARGS` as `python -m torch.distributed.run ARGS` (2 CPU
   processes where the page says so), `python ARGS` with this Python;
-- in a folder of the page's own that stands for the repository root (its top-level entries linked
-  in), the page's commands in order: `npgpt prepare ... --out shards/` makes the shards that the
+- in a folder of the page's own that stands for the repository root (the checkout's CHECKOUT
+  entries linked in), the page's commands in order: `npgpt prepare ... --out shards/` makes the shards that the
   next command trains on;
 - `npgpt train` (not a resume, which keeps its saved settings) gets a few flags appended, which win
   over the command's and its config file's: the tiny preset, short windows, 2 steps on shards, and
@@ -37,7 +37,6 @@ import pytest
 
 from npgpt.cli import main
 
-
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 NEEDS = re.compile(r"#.*\bneeds: (.+?)\s*$")
@@ -46,6 +45,9 @@ TIMEOUT_S = 120
 SHRINK = ["--preset", "tiny", "--max-length", "32", "--eval-iter", "1"]
 SHRINK_SHARDS = [*SHRINK, "--batch-size", "2", "--max-steps", "2"]
 SHRINK_TEXT = [*SHRINK, "--batch-size", "4"]
+# the checkout's entries the pages name, linked into each page's folder; never runs/ or data/, which the
+# commands write into and which may hold a reader's own runs
+CHECKOUT = ("npgpt", "configs", "benchmarks", "tests", "parity", "docs", "README.md", "setup.cfg", "pyproject.toml")
 SHORT_TEXT = 2000           # characters: 12 train windows of 32 tokens (3 steps an epoch), 1 val window
 
 
@@ -85,9 +87,8 @@ def sandbox(page: str, tmp_path: Path, verdict_text: str) -> Path:
     """A folder that stands for the repository root, with the page's stand-ins in it."""
     root = tmp_path / "repo"
     root.mkdir()
-    for entry in REPO.iterdir():
-        if not entry.name.startswith("."):
-            (root / entry.name).symlink_to(entry)
+    for name in CHECKOUT:
+        (root / name).symlink_to(REPO / name)
     (root / "short-verdict.txt").write_text(verdict_text[:SHORT_TEXT], encoding="utf-8")
     for path, make in STAND_INS.get(page, {}).items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
