@@ -69,6 +69,7 @@ def commands(page: str) -> list[tuple[int, str, str | None]]:
             above = None
             continue
         if fence != "bash" or not line.strip():
+            above = None
             continue
         if line.lstrip().startswith("#"):
             above = NEEDS.match(line.strip())
