@@ -34,7 +34,7 @@ OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE work around old OpenBLAS builds and slow 
 NumPy; when set, both are removed together from the children's environment (--keep-openblas-env
 keeps them), and the OpenBLAS kernel that ran is reported (threadpoolctl).
 FLOPs per trained token: 6 * N_matmul + 12 * L * T * C (PaLM's appendix B).
-Writes results.md (what the README's performance section shows), results.json and results.png.
+Writes results.md (what docs/performance.md shows), results.json and results.png.
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def commands(text: str) -> list[list[str]]:
     """Every `npgpt ...` command of the page, inline or a line of a code block, as argv."""
     lines = [s for s in spans(prose(text)) if s.startswith("npgpt ")]
     lines += [line for _, block in code_blocks(text) for line in block.splitlines() if line.startswith("npgpt ")]
-    return [shlex.split(line)[1:] for line in lines]
+    return [shlex.split(line, comments=True)[1:] for line in lines]
 
 
 # ---- the page cannot rot ----
