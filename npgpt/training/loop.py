@@ -68,17 +68,23 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
 FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU
 
 
-def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps) -> Schedule:
-    """state.schedule, set first for a new run: from the keywords, its peak the optimizer's lr, the
-    cosine's length total_steps unless decay_steps is given and its floor peak / 10 unless min_lr is.
-    A resumed state keeps its own (replace state.schedule to change it)."""
+def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps,
+                 schedule=None, decay_fraction=None) -> Schedule:
+    """state.schedule, set first for a new run: from the keywords, its peak the optimizer's lr, its
+    kind `schedule` (constant, cosine, linear or wsd; None: cosine if cosine else constant), the
+    decay's length total_steps unless decay_steps is given, its floor peak / 10 unless min_lr is,
+    and wsd's decay_fraction 0.2 (llm.c's) unless given. A resumed state keeps its own (replace
+    state.schedule to change it)."""
     if state.schedule is None:
-        if not cosine and (decay_steps is not None or min_lr is not None):
-            raise ValueError("decay_steps and min_lr shape the cosine decay: give cosine=True with them")
-        peak = optimizer.lr
-        state.schedule = Schedule(peak_lr=peak, warmup_steps=warmup_steps, initial_lr=initial_lr, cosine=cosine,
-                                  decay_steps=(total_steps if decay_steps is None else decay_steps) if cosine else None,
-                                  min_lr=(peak / 10 if min_lr is None else min_lr) if cosine else None)
+        kind = schedule or ("cosine" if cosine else "constant")
+        if kind == "constant" and (decay_steps is not None or min_lr is not None):
+            raise ValueError("decay_steps and min_lr shape the decay: give cosine=True or a schedule with them")
+        peak, decays = optimizer.lr, kind != "constant"
+        state.schedule = Schedule(peak_lr=peak, warmup_steps=warmup_steps, initial_lr=initial_lr, kind=kind,
+                                  decay_steps=(total_steps if decay_steps is None else decay_steps) if decays else None,
+                                  min_lr=(peak / 10 if min_lr is None else min_lr) if decays else None,
+                                  decay_fraction=(0.2 if decay_fraction is None else decay_fraction)
+                                  if kind == "wsd" else None)
     return state.schedule
 
 
