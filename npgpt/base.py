@@ -25,11 +25,18 @@ class Backend:
     peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
     synchronous = True    # a step's work is done when train_step returns (False: queued on a GPU)
     last_grad_norm = None  # the last train_step's gradient norm before clipping (see train_step)
+    last_applied = True    # whether the last train_step updated the parameters (see train_step)
 
     def flops_per_token(self, T: int) -> float:
         return flops_per_token(self.cfg, T)
 
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True):
+    def batch_gradients(self, inputs, targets) -> float:
+        """The batch's mean loss, its gradients left in the model: forward_backward, which a backend
+        may run in micro-batches (grad_accum) as long as the gradients are the whole batch's."""
+        return self.forward_backward(inputs, targets)
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True,
+                   apply_update=None):
         """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
         A NaN or infinite loss raises FloatingPointError before the parameters are touched.
 
@@ -40,12 +47,19 @@ class Backend:
 
         The gradients' global norm before clipping is left in self.last_grad_norm (clipping computes
         it anyway; without clip_norm it is one more pass over the gradients): a float, or after
-        sync=False a 0-dim device tensor that float() reads once the device is done."""
-        loss = self.forward_backward(inputs, targets)
+        sync=False a 0-dim device tensor that float() reads once the device is done.
+
+        apply_update (the spike guard, training/guard.py): None, or fn(loss, norm) -> bool, asked
+        with the loss and the norm before clipping once both are known, and before the optimizer
+        is touched: False leaves the parameters and the optimizer's state as they were. Whether
+        the update was applied is left in self.last_applied."""
+        loss = self.batch_gradients(inputs, targets)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
         self.last_grad_norm = self.grad_norm() if clip_norm is None else self.clip_grad_norm(clip_norm)
-        optimizer.step()
+        self.last_applied = apply_update is None or bool(apply_update(loss, float(self.last_grad_norm)))
+        if self.last_applied:
+            optimizer.step()
         return loss
 
     def synchronize(self) -> None:

@@ -99,4 +99,7 @@ class TrainState:
     lrs: list = field(default_factory=list)
     hellaswag: list = field(default_factory=list)   # {"step", "n", "acc", "acc_norm"} of each scored evaluation
     schedule: Schedule | None = None   # set when the run starts (training/loop.py), followed after a resume
+    guard_losses: list = field(default_factory=list)   # the spike guard's windows (training/guard.py):
+    guard_norms: list = field(default_factory=list)    # the last 128 losses and gradient norms
+    skipped_steps: list = field(default_factory=list)  # the steps whose update the guard (or fp16) skipped
     step_seconds: float = 0.0    # time inside train_step in this process (not saved: a speed figure)
