@@ -2,12 +2,14 @@
 
 Both hold the same flat dict of GPT-2-named parameters and offer the same methods: logits, loss,
 loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm, grad_norm, rng_state,
-set_rng_state, synchronize and generate. The training loop, sampling, checkpoints and weight
+set_rng_state, synchronize, masked_loss_sums and generate. The training loop, sampling, checkpoints and weight
 loaders are written once against these.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .training.perf import flops_per_token
 
@@ -61,6 +63,20 @@ class Backend:
         if self.last_applied:
             optimizer.step()
         return loss
+
+    def masked_loss_sums(self, tokens, mask):
+        """Each row's summed token losses over its masked tokens, (R,) float64: token t of row r
+        (where mask[r, t]) is predicted by the logits at t - 1 of tokens[:, :-1] (R, L). The
+        HellaSwag scorer's (npgpt/hellaswag.py). Here from the NumPy logits, only the masked
+        positions' log-softmax taken, in float64; the torch backend computes it on its device."""
+        logits = self.logits(tokens[:, :-1])                           # (R, L-1, V)
+        targets, scored = tokens[:, 1:], mask[:, 1:]
+        rows, cols = np.nonzero(scored)                                # one entry per scored token
+        picked = np.asarray(logits[rows, cols], dtype=np.float64)      # (n, V)
+        top = picked.max(axis=1)
+        logsumexp = top + np.log(np.exp(picked - top[:, None]).sum(axis=1))
+        losses = logsumexp - picked[np.arange(len(rows)), targets[rows, cols]]
+        return np.bincount(rows, weights=losses, minlength=len(tokens))
 
     def synchronize(self) -> None:
         """Wait until the work queued on the device is done (a no-op where nothing is queued):

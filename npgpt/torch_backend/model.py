@@ -197,6 +197,20 @@ class TorchGPT(Backend):
                 loss = torch.full((), math.nan, device=self.device)
         return float(self._mean(loss, len(inputs)))
 
+    @torch.no_grad()
+    def masked_loss_sums(self, tokens, mask) -> np.ndarray:
+        """Base.masked_loss_sums on the device: the (R, L-1, V) logits and their log-softmax stay
+        there, and only the R sums come back (HellaSwag's scoring)."""
+        ids = self._ids(tokens[:, :-1])
+        with self._compute():
+            logits = self.module(ids)                                       # (R, L-1, V)
+        targets = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])).to(self.device)
+        rows, cols = torch.from_numpy(np.ascontiguousarray(mask[:, 1:])).to(self.device).nonzero(as_tuple=True)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64   # MPS has no float64
+        picked = logits[rows, cols].to(wide)                               # (n, V): scored positions only
+        losses = torch.logsumexp(picked, dim=1) - picked.gather(1, targets[rows, cols][:, None]).squeeze(1)
+        return to_numpy(torch.zeros(len(tokens), dtype=wide, device=self.device).index_add_(0, rows, losses))
+
     def _mean(self, loss: torch.Tensor, n: int) -> torch.Tensor:
         """This batch's mean loss over its n windows; under torchrun, the mean over every rank's
         windows. A 0-dim tensor on the device: nothing here waits for the GPU."""

@@ -219,7 +219,9 @@ class _Stepper:
                   "tokens_seen": state.tokens_seen}
         if self.hellaswag is not None:
             examples, tokenizer, limit = self.hellaswag
-            r = score_hellaswag(self.model, examples, tokenizer, limit=limit)     # dropout off, then back on
+            ranks = getattr(self.model, "ranks", None)      # under torchrun: each rank its share, summed
+            r = score_hellaswag(self.model, examples, tokenizer, limit=limit, reduce=ranks is not None,
+                                **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks else {}))
             state.hellaswag.append({"step": state.global_step, "n": r["n"], "acc": r["acc"],
                                     "acc_norm": r["acc_norm"]})
             line += f", HellaSwag acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} ({r['n']} examples)"
