@@ -12,7 +12,7 @@ import pytest
 import npgpt
 from npgpt.run_state import TrainState
 from npgpt.training.guard import WINDOW, SpikeGuard, z_score
-from npgpt.weights.checkpoint import read_checkpoint, save_checkpoint
+from npgpt.weights.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 CFG = npgpt.GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
@@ -51,15 +51,12 @@ class Batches:
         return ids[:, :-1], ids[:, 1:]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("spike", ["loss", "grad"])
-def test_a_planted_spike_is_skipped_before_the_update(backend, spike, monkeypatch):
-    model = npgpt.build_model(CFG, backend=backend, dtype="float64")
-    opt = npgpt.AdamW(model, lr=1e-3)
+def plant(model, backend, spike, monkeypatch, first_step=0):
+    """The spike: step SPIKE's loss, or its gradients, 1000 times what they are."""
     real = model.batch_gradients
-    step_of = [0]
+    step_of = [first_step]
 
-    def planted(inputs, targets):                # the spike: the loss, or the gradients, 1000x at step SPIKE
+    def planted(inputs, targets):
         loss = real(inputs, targets)
         if step_of[0] == SPIKE:
             if spike == "loss":
@@ -74,6 +71,14 @@ def test_a_planted_spike_is_skipped_before_the_update(backend, spike, monkeypatc
         step_of[0] += 1
         return loss
     monkeypatch.setattr(model, "batch_gradients", planted)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("spike", ["loss", "grad"])
+def test_a_planted_spike_is_skipped_before_the_update(backend, spike, monkeypatch):
+    model = npgpt.build_model(CFG, backend=backend, dtype="float64")
+    opt = npgpt.AdamW(model, lr=1e-3)
+    plant(model, backend, spike, monkeypatch)
     params, records = {}, []
     state = TrainState()
     npgpt.train_steps(model, Batches(), [Batches().batch(0)], opt, SPIKE + 3, 10_000, "!", npgpt.get_tokenizer(),
@@ -89,6 +94,29 @@ def test_a_planted_spike_is_skipped_before_the_update(backend, spike, monkeypatc
     assert steps[SPIKE]["skipped"].startswith("loss z" if spike == "loss" else "grad norm z")
     assert "skipped" not in steps[SPIKE - 1] and "skipped" not in steps[SPIKE + 1]
     assert len(state.guard_losses) == WINDOW and state.guard_losses[-1] == steps[SPIKE + 2]["loss"]
+
+
+def test_a_resumed_run_makes_the_same_decisions(tmp_path, monkeypatch):
+    """Whole: SPIKE + 3 steps. Resumed: stopped after 61 steps (the window half full), saved,
+    loaded, continued: the same skipped step and bit-identical parameters (float64)."""
+    def run(model, opt, state, steps):
+        npgpt.train_steps(model, Batches(), [Batches().batch(0)], opt, steps, 10_000, "!", npgpt.get_tokenizer(),
+                          state=state, progress=False, print_fn=lambda *_: None, skip_loss_z=6)
+        return state
+    whole = npgpt.build_model(CFG, dtype="float64")
+    plant(whole, "numpy", "loss", monkeypatch)
+    whole_state = run(whole, npgpt.AdamW(whole, lr=1e-3), TrainState(), SPIKE + 3)
+    first = npgpt.build_model(CFG, dtype="float64")
+    opt = npgpt.AdamW(first, lr=1e-3)
+    save_checkpoint(tmp_path / "c.h5", first, opt, state=run(first, opt, TrainState(), 61))
+    model, opt, state = load_checkpoint(tmp_path / "c.h5")
+    assert len(state.guard_losses) == 61
+    plant(model, "numpy", "loss", monkeypatch, first_step=61)
+    run(model, opt, state, SPIKE + 3)
+    assert state.skipped_steps == whole_state.skipped_steps == [SPIKE]
+    assert state.guard_losses == whole_state.guard_losses
+    for name, p in whole.params().items():
+        np.testing.assert_array_equal(model.params()[name], p, err_msg=name)
 
 
 def test_the_windows_and_skips_are_saved_and_read_back(tmp_path):

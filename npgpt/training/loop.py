@@ -148,7 +148,7 @@ class _Stepper:
                                     sync=False, **({"apply_update": apply_update} if self.guard.active else {}))
         except FloatingPointError as e:
             raise TrainingDiverged(f"step {step} ({where}): {e}") from None
-        skipped = None if model.last_applied else why[0] if why and why[0] else "fp16 overflow"
+        skipped = None if getattr(model, "last_applied", True) else why[0] if why and why[0] else "fp16 overflow"
         if skipped:
             state.skipped_steps.append(step)
         tokens = int(np.size(inputs)) * self.world_size                    # over every rank
