@@ -17,8 +17,9 @@ def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: 
     kernels (numpy backend): "fast" (numpy_backend/layers.py) or "reference" (reference.py, the
     textbook form: forward, backward, clipping and AdamW all run on it).
 
-    torch_options (torch backend only): compile=True for torch.compile, autocast="bf16" (CUDA or CPU),
-    grad_accum=k to run each batch as k micro-batches.
+    torch_options (torch backend only, but grad_accum): compile=True for torch.compile, autocast="bf16"
+    (CUDA or CPU) or "fp16" (with a GradScaler), grad_accum=k to run each batch as k micro-batches
+    (both backends).
     """
     check_build_args(cfg, backend, dtype, device, torch_options)
     if kernels != "fast" and backend != "numpy":
@@ -28,7 +29,7 @@ def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: 
         params = init_params(cfg, seed, dtype)
     if backend == "numpy":
         from .numpy_backend import NumpyGPT
-        return NumpyGPT(cfg, params, dtype=dtype, seed=seed, kernels=kernels)
+        return NumpyGPT(cfg, params, dtype=dtype, seed=seed, kernels=kernels, **torch_options)
     from .torch_backend import TorchGPT
     return TorchGPT(cfg, params, dtype=dtype, seed=seed, device=device, **torch_options)
 
@@ -44,8 +45,8 @@ def check_build_args(cfg, backend, dtype, device, torch_options) -> None:
     if backend == "numpy":
         if device not in (None, "cpu"):
             raise ValueError(f"the numpy backend runs on the CPU; device={device!r} needs backend='torch'")
-        if torch_options:
-            raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only")
+        if set(torch_options) - {"grad_accum"}:
+            raise ValueError(f"options {sorted(set(torch_options) - {'grad_accum'})} apply to the torch backend only")
 
 
 def AdamW(model, lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.999), eps: float = 1e-8,

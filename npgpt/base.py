@@ -2,12 +2,14 @@
 
 Both hold the same flat dict of GPT-2-named parameters and offer the same methods: logits, loss,
 loss_and_grads, params, load_params, train, eval, train_step, clip_grad_norm, grad_norm, rng_state,
-set_rng_state, synchronize and generate. The training loop, sampling, checkpoints and weight
+set_rng_state, synchronize, masked_loss_sums and generate. The training loop, sampling, checkpoints and weight
 loaders are written once against these.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .training.perf import flops_per_token
 
@@ -25,11 +27,18 @@ class Backend:
     peak_flops = None     # the device's dense matmul FLOP/s at the training precision, when known
     synchronous = True    # a step's work is done when train_step returns (False: queued on a GPU)
     last_grad_norm = None  # the last train_step's gradient norm before clipping (see train_step)
+    last_applied = True    # whether the last train_step updated the parameters (see train_step)
 
     def flops_per_token(self, T: int) -> float:
         return flops_per_token(self.cfg, T)
 
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True):
+    def batch_gradients(self, inputs, targets) -> float:
+        """The batch's mean loss, its gradients left in the model: forward_backward, which a backend
+        may run in micro-batches (grad_accum) as long as the gradients are the whole batch's."""
+        return self.forward_backward(inputs, targets)
+
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True,
+                   apply_update=None):
         """Forward, backward, optional gradient clipping, one optimizer step; returns the loss.
         A NaN or infinite loss raises FloatingPointError before the parameters are touched.
 
@@ -40,13 +49,34 @@ class Backend:
 
         The gradients' global norm before clipping is left in self.last_grad_norm (clipping computes
         it anyway; without clip_norm it is one more pass over the gradients): a float, or after
-        sync=False a 0-dim device tensor that float() reads once the device is done."""
-        loss = self.forward_backward(inputs, targets)
+        sync=False a 0-dim device tensor that float() reads once the device is done.
+
+        apply_update (the spike guard, training/guard.py): None, or fn(loss, norm) -> bool, asked
+        with the loss and the norm before clipping once both are known, and before the optimizer
+        is touched: False leaves the parameters and the optimizer's state as they were. Whether
+        the update was applied is left in self.last_applied."""
+        loss = self.batch_gradients(inputs, targets)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
         self.last_grad_norm = self.grad_norm() if clip_norm is None else self.clip_grad_norm(clip_norm)
-        optimizer.step()
+        self.last_applied = apply_update is None or bool(apply_update(loss, float(self.last_grad_norm)))
+        if self.last_applied:
+            optimizer.step()
         return loss
+
+    def masked_loss_sums(self, tokens, mask):
+        """Each row's summed token losses over its masked tokens, (R,) float64: token t of row r
+        (where mask[r, t]) is predicted by the logits at t - 1 of tokens[:, :-1] (R, L). The
+        HellaSwag scorer's (npgpt/hellaswag.py). Here from the NumPy logits, only the masked
+        positions' log-softmax taken, in float64; the torch backend computes it on its device."""
+        logits = self.logits(tokens[:, :-1])                           # (R, L-1, V)
+        targets, scored = tokens[:, 1:], mask[:, 1:]
+        rows, cols = np.nonzero(scored)                                # one entry per scored token
+        picked = np.asarray(logits[rows, cols], dtype=np.float64)      # (n, V)
+        top = picked.max(axis=1)
+        logsumexp = top + np.log(np.exp(picked - top[:, None]).sum(axis=1))
+        losses = logsumexp - picked[np.arange(len(rows)), targets[rows, cols]]
+        return np.bincount(rows, weights=losses, minlength=len(tokens))
 
     def synchronize(self) -> None:
         """Wait until the work queued on the device is done (a no-op where nothing is queued):

@@ -5,9 +5,12 @@ An example is a context and four endings, one of them right (its label). Each en
 the cross-entropy of its tokens given the context, as llm.c's dev/data/hellaswag.py does: a row is
 encode(ctx) + encode(" " + ending) (GPT-2's tokens for a word carry the space before it; encoded
 with encode_ordinary, so a literal <|endoftext|> stays text), and only the ending's tokens count. acc: the right ending has the lowest SUM of its token losses; acc_norm:
-the lowest MEAN per token (which does not favour short endings). The four rows of an example go
-through the model as one batch, padded on the right to the longest: the padding comes after every
-scored token, so causal attention never sees it, and the mask leaves it out of the sums.
+the lowest MEAN per token (which does not favour short endings). ending_losses scores one example,
+its four rows one batch padded on the right to the longest: the padding comes after every scored
+token, so causal attention never sees it, and the mask leaves it out of the sums. hellaswag()
+scores batch_examples examples a forward the same way (batch_losses), the log-probabilities
+computed where the model runs (model.masked_loss_sums: on the GPU for the torch backend) and only
+each row's sum brought back; under torchrun each rank scores its share and the counts are summed.
 
 The file is the dataset's own jsonl (hellaswag_val.jsonl: 10,042 examples), one JSON object a line
 with "ctx" (a string), "endings" (4 strings) and "label" (0-3); other keys are ignored.
@@ -105,7 +108,9 @@ def render(example: dict, tokenizer, context_length: int, where: str = "example"
 
 
 def ending_losses(model, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sum, mean) of each row's token losses over its masked tokens: (E,), (E,) float64.
+    """(sum, mean) of each row's token losses over its masked tokens: (E,), (E,) float64. One
+    example a forward, from the logits on the host: the plain scoring, which batch_losses (the
+    one hellaswag() runs) is tested against.
     Token t is predicted by the logits at t - 1; only the masked positions' logits are turned
     into log-probabilities, in float64 (E x L x V in float64 would be 160 MB for GPT-2)."""
     logits = model.logits(tokens[:, :-1])                          # (E, L-1, V)
@@ -119,17 +124,49 @@ def ending_losses(model, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarr
     return sums, sums / scored.sum(axis=1)
 
 
+def batch_losses(model, rendered: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """ending_losses of several examples in one forward: rendered is [(tokens, mask), ...] from
+    render, stacked into (4 x examples, longest L) rows padded on the right (the padding after
+    every scored token, as within an example). -> [(sums (E,), means (E,)), ...] float64."""
+    L = max(tokens.shape[1] for tokens, _ in rendered)
+    tokens = np.zeros((N_ENDINGS * len(rendered), L), dtype=np.int64)     # (R, L)
+    mask = np.zeros(tokens.shape, dtype=bool)                             # (R, L)
+    for i, (t, m) in enumerate(rendered):
+        tokens[N_ENDINGS * i:N_ENDINGS * (i + 1), :t.shape[1]] = t
+        mask[N_ENDINGS * i:N_ENDINGS * (i + 1), :m.shape[1]] = m
+    sums = model.masked_loss_sums(tokens, mask)                           # (R,)
+    means = sums / mask[:, 1:].sum(axis=1)
+    return [(sums[N_ENDINGS * i:N_ENDINGS * (i + 1)], means[N_ENDINGS * i:N_ENDINGS * (i + 1)])
+            for i in range(len(rendered))]
+
+
+def _sum_over_ranks(counts: list[int], model) -> list[int]:
+    """counts summed over the ranks where torch.distributed is running (all_reduce), else as given.
+    torch is looked up, never imported: a NumPy run has no ranks."""
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return counts
+    import torch
+    t = torch.tensor(counts, dtype=torch.int64, device=getattr(model, "device", "cpu"))
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
 def hellaswag(model, path_or_examples, tokenizer, limit: int | None = None, rank: int = 0,
-              world_size: int = 1, progress: bool = False) -> dict:
+              world_size: int = 1, progress: bool = False, batch_examples: int = 8,
+              reduce: bool = False) -> dict:
     """HellaSwag accuracy of model: {"n", "correct", "correct_norm", "acc", "acc_norm"}.
 
     path_or_examples: a jsonl file (see load_examples) or a list of example dicts (load the file
     once with load_examples when evaluating it again and again, as a training run does).
     limit: only the first limit examples. rank, world_size: this process scores examples
     rank, rank + W, ... of them, and n and the counts are its own; summed over the ranks they are
-    those of one process. The model is in eval mode (no dropout) while scoring, and is put back
-    in training mode afterwards if it was. Contexts too long for the model are cut from the left
-    (see render)."""
+    those of one process; reduce=True sums them over the ranks of torch.distributed (every rank
+    must call it then) and returns the totals on every rank. batch_examples: examples a forward
+    (batch_losses; the logits held are 4 x batch_examples x L x V). The model is in eval mode
+    (no dropout) while scoring, and is put back in training mode afterwards if it was. Contexts
+    too long for the model are cut from the left (see render)."""
     if isinstance(path_or_examples, (str, os.PathLike)):
         examples = load_examples(path_or_examples)
     else:
@@ -145,18 +182,25 @@ def hellaswag(model, path_or_examples, tokenizer, limit: int | None = None, rank
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
         examples = examples[:limit]
+    if isinstance(batch_examples, bool) or not isinstance(batch_examples, int) or batch_examples < 1:
+        raise ValueError(f"batch_examples must be a positive integer, got {batch_examples!r}")
     mine = range(rank, len(examples), world_size)
     was_training, correct, correct_norm = model.training, 0, 0
     model.eval()
     try:
-        for i in tqdm(mine, desc="hellaswag", unit="example", disable=not progress, mininterval=1.0):
-            tokens, mask = render(examples[i], tokenizer, model.cfg.context_length, examples[i]["where"])
-            sums, means = ending_losses(model, tokens, mask)
-            correct += int(sums.argmin() == examples[i]["label"])
-            correct_norm += int(means.argmin() == examples[i]["label"])
+        with tqdm(total=len(mine), desc="hellaswag", unit="example", disable=not progress, mininterval=1.0) as bar:
+            for start in range(0, len(mine), batch_examples):
+                chunk = [examples[i] for i in mine[start:start + batch_examples]]
+                rendered = [render(ex, tokenizer, model.cfg.context_length, ex["where"]) for ex in chunk]
+                for ex, (sums, means) in zip(chunk, batch_losses(model, rendered)):
+                    correct += int(sums.argmin() == ex["label"])
+                    correct_norm += int(means.argmin() == ex["label"])
+                bar.update(len(chunk))
     finally:
         if was_training:
             model.train()
     n = len(mine)
+    if reduce:
+        n, correct, correct_norm = _sum_over_ranks([n, correct, correct_norm], model)
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / n if n else float("nan"), "acc_norm": correct_norm / n if n else float("nan")}

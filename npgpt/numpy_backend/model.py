@@ -60,10 +60,14 @@ class NumpyGPT(Backend):
     backend = "numpy"
 
     def __init__(self, cfg: GPTConfig, params: dict[str, np.ndarray] | None = None, dtype="float32",
-                 seed: int = 123, kernels: str = "fast"):
+                 seed: int = 123, kernels: str = "fast", grad_accum: int = 1):
         """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
         that then writes each tensor straight into param_views(). kernels: "fast" (layers.py) or
-        "reference" (reference.py: forward, backward, clipping and AdamW; see the kernels property)."""
+        "reference" (reference.py: forward, backward, clipping and AdamW; see the kernels property).
+        grad_accum: a training batch runs as this many micro-batches (batch_gradients)."""
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+        self.grad_accum = grad_accum
         keep_freed_memory()
         self.kernels = kernels
         self.cfg = cfg
@@ -125,8 +129,25 @@ class NumpyGPT(Backend):
         return loss
 
     def loss_and_grads(self, inputs, targets):
-        loss = self.forward_backward(inputs, targets)
+        loss = self.batch_gradients(inputs, targets)
         return loss, {name: g.copy() for name, g in self.g.items()}
+
+    def batch_gradients(self, inputs, targets) -> float:
+        """The batch's mean loss and its gradients in self.g, the batch run as grad_accum equal
+        micro-batches (activations for one at a time): the mean of equal parts' means is the
+        whole's mean, so the loss and the gradients are each part's summed, times 1/grad_accum."""
+        k = self.grad_accum
+        if k == 1:
+            return self.forward_backward(inputs, targets)
+        inputs, targets = np.asarray(inputs), np.asarray(targets)
+        if len(inputs) % k or len(targets) != len(inputs):
+            raise ValueError(f"batch of {len(inputs)} sequences does not split into grad_accum={k} equal parts")
+        total, summed = 0.0, np.zeros_like(self.flat_grads)     # forward_backward overwrites self.g
+        for x, y in zip(np.split(inputs, k), np.split(targets, k)):
+            total += self.forward_backward(x, y)
+            summed += self.flat_grads
+        np.multiply(summed, self.dtype.type(1.0 / k), out=self.flat_grads)
+        return total / k
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_).

@@ -24,6 +24,19 @@ def cpu_bf16_missing() -> str | None:
             "slower than float32: train in float32 (leave --autocast out)")
 
 
+def cuda_bf16_missing(device: torch.device) -> str | None:
+    """Why bf16 autocast cannot run on this CUDA device (a GPU before Ampere: T4, V100), or None.
+    torch can emulate bf16 on such a GPU, many times slower; emulation does not count here."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16; use "
+            "autocast 'fp16' (with a GradScaler, as nanoGPT on such GPUs), or leave autocast out for float32")
+
+
 def warn_if_slow_bf16(device: torch.device) -> None:
     """A RuntimeWarning when bf16 autocast is asked for on a CPU that lacks fast bf16 (cpu_bf16_missing)."""
     reason = device.type == "cpu" and cpu_bf16_missing()

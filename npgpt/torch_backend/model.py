@@ -18,10 +18,11 @@ from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
 from ..sampling import KVCache
 from ..training.perf import peak_flops
-from .device import dropout_stream, tf32_matmuls, to_device, warn_if_slow_bf16
+from .device import cuda_bf16_missing, dropout_stream, tf32_matmuls, to_device, warn_if_slow_bf16
 from .gpt import GPT
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -34,7 +35,11 @@ class TorchGPT(Backend):
     out are NumPy, everything in between stays on the device.
 
     autocast="bf16" runs the matrix products in bfloat16 under torch.autocast, on CUDA or on the
-    CPU (fast where the CPU has AVX512-BF16 or AMX; parameters, gradients and AdamW stay float32).
+    CPU (fast where the CPU has AVX512-BF16 or AMX; parameters, gradients and AdamW stay float32);
+    a CUDA device without bf16 (before Ampere) refuses it. autocast="fp16" runs them in float16,
+    for such GPUs, with a torch.amp.GradScaler (self.scaler) scaling the loss so that small
+    gradients survive float16, and skipping a step whose gradients overflow (saved with the
+    optimizer's state in checkpoints).
     A process-wide choice made when a model is built: freed memory is kept for reuse
     (npgpt.memory.keep_freed_memory), the same setting the NumPy backend makes; on the CPU, torch's
     allocator is glibc's malloc, and without it a 124M step pays 250,000 to 400,000 page faults.
@@ -52,17 +57,20 @@ class TorchGPT(Backend):
         self.grad_accum = grad_accum      # a batch runs as this many micro-batches (less activation memory)
         self.cfg, self.dtype, self.shapes = cfg, np.dtype(dtype), param_shapes(cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if autocast not in (None, "bf16"):
-            raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
+        if autocast not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
         if autocast and dtype == "float64":
-            raise ValueError("autocast='bf16' with dtype='float64': autocast never casts float64, so the "
-                             "model would run in float64; use dtype='float32' with autocast='bf16', or "
+            raise ValueError(f"autocast={autocast!r} with dtype='float64': autocast never casts float64, so the "
+                             f"model would run in float64; use dtype='float32' with autocast={autocast!r}, or "
                              "dtype='float64' without autocast")
         if autocast and self.device.type not in ("cuda", "cpu"):
-            raise ValueError(f"autocast='bf16' runs on CUDA or the CPU, got device {str(self.device)!r}")
-        if autocast:
+            raise ValueError(f"autocast={autocast!r} runs on CUDA or the CPU, got device {str(self.device)!r}")
+        if autocast == "bf16" and cuda_bf16_missing(self.device):
+            raise ValueError(f"autocast='bf16': {cuda_bf16_missing(self.device)}")
+        if autocast == "bf16":
             warn_if_slow_bf16(self.device)
         self.autocast = autocast
+        self.scaler = torch.amp.GradScaler(self.device.type) if autocast == "fp16" else None
         keep_freed_memory()
         # float32 matmuls on CUDA run in TF32 inside the model's calls (the process's setting is left alone)
         self.tf32 = self.device.type == "cuda" and dtype == "float32"
@@ -130,16 +138,19 @@ class TorchGPT(Backend):
 
     @property
     def precision(self) -> str:
-        """What the matrix products run in: 'bf16' (autocast), 'tf32' (float32 on CUDA), 'fp32', 'fp64'."""
-        if self.autocast == "bf16":
-            return "bf16"
+        """What the matrix products run in: 'bf16' or 'fp16' (autocast), 'tf32' (float32 on CUDA), 'fp32',
+        'fp64'."""
+        if self.autocast:
+            return self.autocast
         return "tf32" if self.tf32 else {"float32": "fp32", "float64": "fp64"}[self.dtype.name]
 
     @property
     def peak_flops(self) -> float | None:
         """The GPU's dense peak FLOP/s at self.precision (npgpt.peak_flops); None on the CPU or a GPU
-        not in its table."""
-        return None if self.device_name is None else peak_flops(self.device_name, self.precision)
+        not in its table. fp16's tensor-core peak is bf16's on every GPU that has both; the table
+        has no figure for GPUs without bf16."""
+        precision = "bf16" if self.precision == "fp16" else self.precision
+        return None if self.device_name is None else peak_flops(self.device_name, precision)
 
     @property
     def synchronous(self) -> bool:
@@ -166,7 +177,8 @@ class TorchGPT(Backend):
         return to_device(torch.from_numpy(ids), self.device)
 
     def autocast_context(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16")
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.autocast, torch.bfloat16),
+                              enabled=self.autocast is not None)
 
     def logits(self, idx) -> np.ndarray:
         with torch.no_grad(), self._compute():
@@ -185,6 +197,20 @@ class TorchGPT(Backend):
                 loss = torch.full((), math.nan, device=self.device)
         return float(self._mean(loss, len(inputs)))
 
+    @torch.no_grad()
+    def masked_loss_sums(self, tokens, mask) -> np.ndarray:
+        """Base.masked_loss_sums on the device: the (R, L-1, V) logits and their log-softmax stay
+        there, and only the R sums come back (HellaSwag's scoring)."""
+        ids = self._ids(tokens[:, :-1])
+        with self._compute():
+            logits = self.module(ids)                                       # (R, L-1, V)
+        targets = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])).to(self.device)
+        rows, cols = torch.from_numpy(np.ascontiguousarray(mask[:, 1:])).to(self.device).nonzero(as_tuple=True)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64   # MPS has no float64
+        picked = logits[rows, cols].to(wide)                               # (n, V): scored positions only
+        losses = torch.logsumexp(picked, dim=1) - picked.gather(1, targets[rows, cols][:, None]).squeeze(1)
+        return to_numpy(torch.zeros(len(tokens), dtype=wide, device=self.device).index_add_(0, rows, losses))
+
     def _mean(self, loss: torch.Tensor, n: int) -> torch.Tensor:
         """This batch's mean loss over its n windows; under torchrun, the mean over every rank's
         windows. A 0-dim tensor on the device: nothing here waits for the GPU."""
@@ -193,7 +219,8 @@ class TorchGPT(Backend):
     def _forward_backward(self, inputs, targets) -> torch.Tensor:
         """The batch's mean loss and its gradients. With grad_accum = k the batch runs as k equal
         micro-batches, each loss scaled by 1/k, so the gradients sum to the whole batch's; under DDP
-        only the last backward exchanges gradients (no_sync)."""
+        only the last backward exchanges gradients (no_sync). Under fp16 the gradients are left
+        multiplied by the GradScaler's scale (train_step unscales them)."""
         inputs, targets = self._ids(inputs), self._ids(targets, "targets")
         k = self.grad_accum
         if len(inputs) % k:
@@ -207,26 +234,57 @@ class TorchGPT(Backend):
                 with self._compute():
                     loss = self._step_module(x, y) / k
                 with tf32_matmuls(self.tf32):
-                    loss.backward()
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total = total + loss.detach()
         return self._mean(total, len(inputs))
 
     def forward_backward(self, inputs, targets) -> float:
         """Mean cross-entropy of one batch; leaves its gradients in the module (averaged over ranks
-        under DDP)."""
-        return float(self._forward_backward(inputs, targets))
+        under DDP; under fp16, unscaled)."""
+        loss = self._forward_backward(inputs, targets)
+        if self.scaler is not None:
+            with torch.no_grad():
+                inv = 1.0 / self.scaler.get_scale()
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+        return float(loss)
 
-    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True):
+    def train_step(self, inputs, targets, optimizer, clip_norm: float | None = None, sync: bool = True,
+                   apply_update=None):
         """Base.train_step; with sync=False, one that never waits for the GPU: the loss stays a 0-dim
         tensor on the device, clipping stays there, and a non-finite loss skips the update inside
         fused AdamW's kernel (found_inf, as torch's GradScaler uses it). The optimizer's step_count
-        still counts a skipped step; npgpt.base.loss_value raises when the loss is read."""
-        if sync or not getattr(optimizer, "fused", False):
-            return super().train_step(inputs, targets, optimizer, clip_norm)
+        still counts a skipped step; npgpt.base.loss_value raises when the loss is read.
+        apply_update (the spike guard) needs the loss and norm on the host: the step then waits."""
+        if self.scaler is not None:
+            return self._fp16_step(inputs, targets, optimizer, clip_norm, apply_update)
+        if sync or apply_update is not None or not getattr(optimizer, "fused", False):
+            return super().train_step(inputs, targets, optimizer, clip_norm, apply_update=apply_update)
+        self.last_applied = True
         loss = self._forward_backward(inputs, targets)           # averaged over the ranks: all agree
         self.last_grad_norm = self._grad_norm() if clip_norm is None else \
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip_norm)       # a device tensor
         optimizer.step(found_inf=(~torch.isfinite(loss)).float())
+        return loss
+
+    def _fp16_step(self, inputs, targets, optimizer, clip_norm, apply_update) -> float:
+        """train_step under the GradScaler: the scaled gradients are unscaled before clipping (so
+        clip_norm and the norm logged are the true ones); a step whose gradients overflowed
+        float16 (a non-finite norm) is skipped and the scale halved, as GradScaler.step does; the
+        scale grows again after growth_interval clean steps. Waits for the device (the loss and
+        the overflow are read on the host)."""
+        loss = float(self._forward_backward(inputs, targets))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}; the optimizer step was skipped")
+        self.scaler.unscale_(optimizer.opt)
+        norm = self.grad_norm() if clip_norm is None else self.clip_grad_norm(clip_norm)
+        self.last_grad_norm = norm
+        wanted = apply_update is None or apply_update(loss, norm)
+        self.last_applied = wanted and math.isfinite(norm)           # an overflow: GradScaler's skip
+        if self.last_applied:
+            optimizer.step()
+        self.scaler.update()
         return loss
 
     def loss_and_grads(self, inputs, targets):
@@ -256,7 +314,7 @@ class TorchGPT(Backend):
     # ---- generation: what npgpt.sampling's loop asks of a backend ----
 
     def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
-        dtype = torch.bfloat16 if self.autocast == "bf16" else self.module.wte.dtype   # k, v as computed
+        dtype = AUTOCAST_DTYPES.get(self.autocast, self.module.wte.dtype)       # k, v as computed
         return KVCache(self.cfg, batch_size, capacity, lambda shape: torch.zeros(shape, dtype=dtype,
                                                                                  device=self.device))
 

@@ -114,8 +114,10 @@ class TorchAdamW:
             s = self.opt.state.get(p)
             for key, by_name in moments.items():
                 by_name[name] = to_numpy(s[key]) if s else np.zeros(p.shape, self.model.dtype)
+        scaler = getattr(self.model, "scaler", None)   # fp16's GradScaler: resumed with the moments
         return {"step": self.step_count, "lr": self.lr, "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay, "decay": self.decay, **moments}
+                "weight_decay": self.weight_decay, "decay": self.decay, **moments,
+                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})}
 
     def load_state(self, state: dict) -> None:
         """Take a state() dict of either backend: rebuild the groups with its hyperparameters and
@@ -133,3 +135,5 @@ class TorchAdamW:
                           for i, name in enumerate(self._names)}
         self.opt.load_state_dict(saved)
         self.step_count = step
+        if getattr(self.model, "scaler", None) is not None and state.get("grad_scaler"):     # else a new scaler starts afresh
+            self.model.scaler.load_state_dict(state["grad_scaler"])

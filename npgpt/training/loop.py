@@ -21,6 +21,7 @@ from ..hellaswag import hellaswag as score_hellaswag
 from ..sampling import generate
 from ..tokenizer import text_to_token_ids, token_ids_to_text
 from ..run_state import Schedule, TrainingDiverged, TrainState
+from .guard import SpikeGuard
 from .schedule import scheduled_lr
 
 
@@ -68,17 +69,23 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
 FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU
 
 
-def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps) -> Schedule:
-    """state.schedule, set first for a new run: from the keywords, its peak the optimizer's lr, the
-    cosine's length total_steps unless decay_steps is given and its floor peak / 10 unless min_lr is.
-    A resumed state keeps its own (replace state.schedule to change it)."""
+def run_schedule(state, optimizer, total_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps,
+                 schedule=None, decay_fraction=None) -> Schedule:
+    """state.schedule, set first for a new run: from the keywords, its peak the optimizer's lr, its
+    kind `schedule` (constant, cosine, linear or wsd; None: cosine if cosine else constant), the
+    decay's length total_steps unless decay_steps is given, its floor peak / 10 unless min_lr is,
+    and wsd's decay_fraction 0.2 (llm.c's) unless given. A resumed state keeps its own (replace
+    state.schedule to change it)."""
     if state.schedule is None:
-        if not cosine and (decay_steps is not None or min_lr is not None):
-            raise ValueError("decay_steps and min_lr shape the cosine decay: give cosine=True with them")
-        peak = optimizer.lr
-        state.schedule = Schedule(peak_lr=peak, warmup_steps=warmup_steps, initial_lr=initial_lr, cosine=cosine,
-                                  decay_steps=(total_steps if decay_steps is None else decay_steps) if cosine else None,
-                                  min_lr=(peak / 10 if min_lr is None else min_lr) if cosine else None)
+        kind = schedule or ("cosine" if cosine else "constant")
+        if kind == "constant" and (decay_steps is not None or min_lr is not None):
+            raise ValueError("decay_steps and min_lr shape the decay: give cosine=True or a schedule with them")
+        peak, decays = optimizer.lr, kind != "constant"
+        state.schedule = Schedule(peak_lr=peak, warmup_steps=warmup_steps, initial_lr=initial_lr, kind=kind,
+                                  decay_steps=(total_steps if decay_steps is None else decay_steps) if decays else None,
+                                  min_lr=(peak / 10 if min_lr is None else min_lr) if decays else None,
+                                  decay_fraction=(0.2 if decay_fraction is None else decay_fraction)
+                                  if kind == "wsd" else None)
     return state.schedule
 
 
@@ -94,12 +101,20 @@ class _Stepper:
 
     on_log(record), if given, is called at each flush with one dict per step of the window (see
     flush) and at each evaluation with its scores (see record). hellaswag: (examples, tokenizer,
-    limit) to score at each evaluation, or None."""
+    limit) to score at each evaluation, or None.
+
+    skip_loss_z, skip_grad_z: the spike guard's thresholds (training/guard.py; None: no check).
+    With either, each step's loss and norm are read on the host before its update (so a GPU
+    waits for every step) and a step the guard refuses leaves the parameters untouched; its
+    windows start from and are kept in state (guard_losses, guard_norms), the skipped steps in
+    state.skipped_steps. Without, the windows are still filled (at each flush), so a resumed run
+    that turns the guard on has them ready."""
 
     def __init__(self, model, optimizer, state, total_steps, world_size, clip_norm, clip_after_warmup, progress,
-                 print_fn, on_log=None, hellaswag=None):
+                 print_fn, on_log=None, hellaswag=None, skip_loss_z=None, skip_grad_z=None):
         self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
         self.clip_norm, self.clip_after_warmup = clip_norm, clip_after_warmup
+        self.guard = SpikeGuard(skip_loss_z, skip_grad_z, state.guard_losses, state.guard_norms)
         self.on_log, self.hellaswag = on_log, hellaswag
         self.flush_every = 1 if model.synchronous else FLUSH_EVERY
         self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
@@ -123,18 +138,26 @@ class _Stepper:
         if schedule.scheduled:                 # a constant lr is the optimizer's own, as in the book's loop
             optimizer.lr = scheduled_lr(schedule, step)
         unclipped = self.clip_after_warmup and step < schedule.warmup_steps        # appendix D's warmup
+        why = []                                   # the guard's reason to skip this step's update, if any
+
+        def apply_update(loss, norm):
+            why.append(self.guard.skip(loss, norm))
+            return why[0] is None
         try:
             loss = model.train_step(inputs, targets, optimizer, clip_norm=None if unclipped else self.clip_norm,
-                                    sync=False)
+                                    sync=False, **({"apply_update": apply_update} if self.guard.active else {}))
         except FloatingPointError as e:
             raise TrainingDiverged(f"step {step} ({where}): {e}") from None
+        skipped = None if getattr(model, "last_applied", True) else why[0] if why and why[0] else "fp16 overflow"
+        if skipped:
+            state.skipped_steps.append(step)
         tokens = int(np.size(inputs)) * self.world_size                    # over every rank
         state.global_step = step
         state.tokens_seen += tokens
         state.lrs.append(optimizer.lr)
         # the norm before clipping: on a GPU a device tensor, read at the flush with the loss
         self.pending.append((step, where, loss, np.shape(inputs)[-1], optimizer.lr,
-                             getattr(model, "last_grad_norm", None)))
+                             getattr(model, "last_grad_norm", None), skipped))
         self.window_tokens += tokens
         self.postfix = postfix
         self.bar.update(1)
@@ -147,7 +170,8 @@ class _Stepper:
         """Wait for the device, read the pending losses, report the window's speed; -> the losses.
         on_log gets one record a step: {"kind": "step", "step", "loss", "lr", "norm" (the gradient
         norm before clipping), "ms" and "tok_s" (the window's: ms a step and tokens/s over every
-        rank), and "mfu" (a fraction) where the device's peak is known}."""
+        rank), "mfu" (a fraction) where the device's peak is known, and "skipped" (why: "loss z
+        7.1 > 6", "fp16 overflow") on a step whose update was skipped}."""
         if not self.pending:
             return []
         self.model.synchronize()
@@ -165,11 +189,19 @@ class _Stepper:
             flops = self.model.flops_per_token(T) * self.window_tokens / seconds
             speed["mfu"] = flops / (self.model.peak_flops * self.world_size)
         shown = {"tok/s": f"{speed['tok_s']:.0f}", **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {})}
+        if self.state.skipped_steps:
+            shown["skipped"] = len(self.state.skipped_steps)
         self.bar.set_postfix(**self.postfix, loss=f"{losses[-1]:.3f}", lr=f"{self.optimizer.lr:.2e}", **shown)
-        if self.on_log is not None:
-            for (step, _, _, _, lr, norm), loss in zip(self.pending, losses):
-                self.on_log({"kind": "step", "step": step, "loss": loss, "lr": lr,
-                             "norm": None if norm is None else float(norm), **speed})
+        for (step, _, _, _, lr, norm, skipped), loss in zip(self.pending, losses):
+            norm = None if norm is None else float(norm)
+            if not self.guard.active:                 # an active guard saw the step before its update
+                self.guard.observe(loss, norm)
+            if skipped:
+                self.say(f"step {step}: update skipped ({skipped}); {len(self.state.skipped_steps)} skipped so far")
+            if self.on_log is not None:
+                self.on_log({"kind": "step", "step": step, "loss": loss, "lr": lr, "norm": norm, **speed,
+                             **({"skipped": skipped} if skipped else {})})
+        self.state.guard_losses, self.state.guard_norms = self.guard.window()
         self.pending, self.window_tokens = [], 0
         return losses
 
@@ -187,7 +219,9 @@ class _Stepper:
                   "tokens_seen": state.tokens_seen}
         if self.hellaswag is not None:
             examples, tokenizer, limit = self.hellaswag
-            r = score_hellaswag(self.model, examples, tokenizer, limit=limit)     # dropout off, then back on
+            ranks = getattr(self.model, "ranks", None)      # under torchrun: each rank its share, summed
+            r = score_hellaswag(self.model, examples, tokenizer, limit=limit, reduce=ranks is not None,
+                                **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks else {}))
             state.hellaswag.append({"step": state.global_step, "n": r["n"], "acc": r["acc"],
                                     "acc_norm": r["acc_norm"]})
             line += f", HellaSwag acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} ({r['n']} examples)"
@@ -201,7 +235,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                        start_context, tokenizer, *, warmup_steps=0, cosine=False, clip_norm=None,
                        initial_lr=None, min_lr=None, decay_steps=None, clip_after_warmup=False, state=None,
                        on_step=None, on_epoch_end=None, progress=True, print_fn=None, on_log=None,
-                       hellaswag=None, hellaswag_limit=None):
+                       hellaswag=None, hellaswag_limit=None, schedule=None, decay_fraction=None,
+                       skip_loss_z=None, skip_grad_z=None):
     """Train for num_epochs over train_loader, evaluating every eval_freq steps and printing a sample
     after each epoch. Returns (train_losses, val_losses, tokens_seen) as the book's function does.
 
@@ -219,16 +254,19 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
     and epoch ends on a GPU), on_epoch_end(state) after each epoch: checkpoints are saved from these.
     on_log(record) gets a dict for every step and every evaluation (_Stepper.flush and .record: the
     command line writes them to log.jsonl). hellaswag: examples (npgpt.hellaswag.load_examples), the
-    first hellaswag_limit of them (all: None) scored at each evaluation.
+    first hellaswag_limit of them (all: None) scored at each evaluation. schedule: "constant",
+    "cosine", "linear" or "wsd" (training/schedule.py; None: cosine or constant as `cosine` says),
+    decay_fraction wsd's (0.2). skip_loss_z, skip_grad_z: the spike guard (_Stepper, guard.py).
     """
     state = state or TrainState()
     steps_per_epoch = len(train_loader)
     world_size = getattr(train_loader, "world_size", 1)                # torchrun's processes
     run_schedule(state, optimizer, num_epochs * steps_per_epoch, warmup_steps, cosine, initial_lr, min_lr,
-                 decay_steps)
+                 decay_steps, schedule, decay_fraction)
     step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, clip_norm,
                          clip_after_warmup, progress, print_fn, on_log,
-                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit))
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit), skip_loss_z,
+                         skip_grad_z)
     try:
         for epoch in range(state.epoch, num_epochs):
             state.epoch = epoch
@@ -257,20 +295,23 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
 def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_every, start_context, tokenizer,
                 *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=None, min_lr=None, decay_steps=None,
                 clip_after_warmup=False, state=None, on_step=None, progress=True, print_fn=None, on_log=None,
-                hellaswag=None, hellaswag_limit=None):
+                hellaswag=None, hellaswag_limit=None, schedule=None, decay_fraction=None, skip_loss_z=None,
+                skip_grad_z=None):
     """Train by steps on a corpus of token shards: step s trains on train_batches.batch(s), which
     depends on (seed, s) alone, so a resumed run (state) takes the same batches as one that never
     stopped, and a larger max_steps continues it (on its saved schedule: at min_lr past its
     decay_steps). Every eval_every steps (and at the last) it prints the mean training loss of the
     steps since the last report and the loss over val_batches (dropout off), then a greedy sample.
-    The schedule, clipping, on_log and hellaswag keywords are train_model_simple's; decay_steps
-    defaults to max_steps.
+    The schedule, clipping, on_log, hellaswag and spike-guard keywords are train_model_simple's;
+    decay_steps defaults to max_steps.
     """
     state = state or TrainState()
-    run_schedule(state, optimizer, max_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps)
+    run_schedule(state, optimizer, max_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps, schedule,
+                 decay_fraction)
     step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, clip_norm, clip_after_warmup,
                          progress, print_fn, on_log,
-                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit))
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit), skip_loss_z,
+                         skip_grad_z)
     recent = []
     try:
         model.train()

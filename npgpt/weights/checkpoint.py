@@ -10,7 +10,10 @@ Layout:
                           run (JSON: the command line's settings, if any)
                    datasets: train_losses, val_losses, track_tokens_seen, track_steps, lrs,
                              hellaswag ((k, 4): step, n, acc, acc_norm of each scored evaluation;
-                             absent from files written before it: none)
+                             absent from files written before it: none), guard_losses,
+                             guard_norms, skipped_steps (the spike guard's windows and the steps
+                             it skipped; absent from older files: empty)
+  /optimizer       attrs also: grad_scaler (JSON: torch.amp.GradScaler's state_dict, fp16 runs only)
 A file is written to a temporary name beside the target (.NAME.*.tmp), flushed, fsynced and
 renamed over it, so a crash leaves either the old checkpoint or the new one, never half of one.
 Loading reads each tensor straight into the NumPy model's (and optimizer's) flat buffers; the
@@ -46,6 +49,7 @@ FORMAT = "npgpt-checkpoint"
 VERSION = 3                 # 2 added the root checksum, 3 the schedule and the optimizer's decay groups by name
 _TENSOR_GROUPS = ("params/", "optimizer/exp_avg/", "optimizer/exp_avg_sq/")     # data under their own crc32
 _STATE_LISTS = ("train_losses", "val_losses", "track_tokens_seen", "track_steps", "lrs")
+_GUARD_LISTS = ("guard_losses", "guard_norms", "skipped_steps")      # optional: absent from older files
 _HELLASWAG = ("step", "n", "acc", "acc_norm")       # the columns of train_state/hellaswag
 
 
@@ -154,6 +158,8 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                 g.attrs.update(step=opt_state["step"], lr=opt_state["lr"], betas=np.asarray(opt_state["betas"]),
                                eps=opt_state["eps"], weight_decay=opt_state["weight_decay"],
                                decay=_fixed(opt_state["decay"]))
+                if opt_state.get("grad_scaler"):
+                    g.attrs["grad_scaler"] = _fixed(json.dumps(opt_state["grad_scaler"]))
                 _write_tensors(g.create_group("exp_avg"), opt_state["exp_avg"])
                 _write_tensors(g.create_group("exp_avg_sq"), opt_state["exp_avg_sq"])
             t = f.create_group("train_state")
@@ -162,7 +168,7 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
                            run=_fixed(json.dumps(run or {})))
             if state.schedule is not None:
                 t.attrs["schedule"] = _fixed(json.dumps(state.schedule.to_dict()))
-            for name in _STATE_LISTS:
+            for name in _STATE_LISTS + _GUARD_LISTS:
                 t.create_dataset(name, data=np.asarray(getattr(state, name), dtype=np.float64))
             t.create_dataset("hellaswag", data=np.asarray([[r[k] for k in _HELLASWAG] for r in state.hellaswag],
                                                           dtype=np.float64).reshape(-1, len(_HELLASWAG)))
@@ -250,6 +256,13 @@ def _contents(f: h5py.File, path: Path) -> dict:
         if decay not in DECAY_GROUPS:
             raise CheckpointError(f"{path}: optimizer decay {decay!r}; expected one of {DECAY_GROUPS}")
         out["optimizer"]["decay"] = decay
+        scaler = json.loads(_text(g.attrs["grad_scaler"])) if "grad_scaler" in g.attrs else None
+        numbers = isinstance(scaler, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   and np.isfinite(v) for v in scaler.values())
+        if scaler is not None and not (numbers and scaler.get("scale", 0) > 0):
+            raise CheckpointError(f"{path}: optimizer's grad_scaler attribute is not a GradScaler state "
+                                  f"(expected an object of finite numbers with a positive scale, got {scaler!r:.80})")
+        out["optimizer"]["grad_scaler"] = scaler
         for key in ("exp_avg", "exp_avg_sq"):
             groups[f"optimizer/{key}"] = out["optimizer"][key] = _lazy_tensors(g[key], f"optimizer/{key}")
     shapes = param_shapes(cfg)
@@ -272,6 +285,10 @@ def _contents(f: h5py.File, path: Path) -> dict:
     for name in _STATE_LISTS:
         values = t[name][()].tolist()
         setattr(state, name, [int(v) for v in values] if name.startswith("track") else values)
+    for name in _GUARD_LISTS:
+        if name in t:
+            values = t[name][()].reshape(-1).tolist()
+            setattr(state, name, [int(v) for v in values] if name == "skipped_steps" else values)
     if "hellaswag" in t:
         state.hellaswag = [{"step": int(step), "n": int(n), "acc": acc, "acc_norm": acc_norm}
                            for step, n, acc, acc_norm in t["hellaswag"][()].reshape(-1, len(_HELLASWAG)).tolist()]

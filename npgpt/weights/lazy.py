@@ -47,7 +47,7 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
         return model
     from ..numpy_backend import NumpyGPT
     check_params(params, param_shapes(cfg))          # before allocating the model
-    model = NumpyGPT(cfg, None, dtype=dtype, seed=seed)
+    model = NumpyGPT(cfg, None, dtype=dtype, seed=seed, **torch_options)     # grad_accum at most
     for name, view in model.param_views().items():
         p = params[name]
         if isinstance(p, LazyParam):
