@@ -175,8 +175,8 @@ def linear_backward(dout, cache, dw, db=None):
 
 # ---- LayerNorm -------------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b):
-    """x (..., C), w (C,), b (C,) -> (x - mean) / sqrt(var + eps) * w + b, statistics over C.
+def layernorm_forward(x, w, b=None):
+    """x (..., C), w (C,), b (C,) or None -> (x - mean) / sqrt(var + eps) * w + b, statistics over C.
 
     Twin: reference.layernorm_forward."""
     x_in = x
@@ -184,7 +184,7 @@ def layernorm_forward(x, w, b):
     C = x.shape[1]
     if np.shape(w) != (C,):
         raise _shape_error("w", f"({C},)", w)
-    if np.shape(b) != (C,):
+    if b is not None and np.shape(b) != (C,):
         raise _shape_error("b", f"({C},)", b)
     out, xhat = np.empty_like(x), np.empty_like(x)
     rstd = np.empty((len(x), 1), x.dtype)                             # (N, 1)
@@ -194,21 +194,25 @@ def layernorm_forward(x, w, b):
         var = np.mean(xhat[r] * xhat[r], axis=-1, keepdims=True)
         rstd[r] = 1.0 / np.sqrt(var + LN_EPS)
         xhat[r] *= rstd[r]
-        np.add(xhat[r] * w, b, out=out[r])
+        np.multiply(xhat[r], w, out=out[r])
+        if b is not None:
+            out[r] += b
     for_row_blocks(rows, x)
     lead = x_in.shape[:-1]
-    return out.reshape(*lead, C), (xhat.reshape(*lead, C), rstd.reshape(*lead, 1), w)
+    return out.reshape(*lead, C), (xhat.reshape(*lead, C), rstd.reshape(*lead, 1), w, b is not None)
 
 
-def layernorm_backward(dout, cache, dw, db):
-    """Writes dw, db (C,) in place; dout (..., C) -> dx (..., C). Twin: reference.layernorm_backward."""
-    xhat, rstd, w = cache
+def layernorm_backward(dout, cache, dw, db=None):
+    """Writes dw, db (C,) in place (db None: the forward had no bias); dout (..., C) -> dx (..., C).
+
+    Twin: reference.layernorm_backward."""
+    xhat, rstd, w, has_bias = cache
     C = w.shape[0]
     if np.ndim(dout) < 1 or dout.shape[-1] != C or dout.size != xhat.size:
         raise _shape_error("dout", f"(..., {C}) with {xhat.size // C} rows", dout)
     if np.shape(dw) != (C,):
         raise _shape_error("dw", f"({C},)", dw)
-    if np.shape(db) != (C,):
+    if has_bias != (db is not None) or (has_bias and np.shape(db) != (C,)):
         raise _shape_error("db", f"({C},)", db)
     dout_in = dout
     dout, xhat, rstd = _rows(dout, "dout"), xhat.reshape(-1, C), rstd.reshape(-1, 1)
@@ -223,7 +227,8 @@ def layernorm_backward(dout, cache, dw, db):
         return np.sum(dout[r] * xhat[r], axis=0), np.sum(dout[r], axis=0)   # this block's dw, db
     partial = for_row_blocks(rows, dout)
     np.sum([dw_r for dw_r, _ in partial], axis=0, out=dw)
-    np.sum([db_r for _, db_r in partial], axis=0, out=db)
+    if has_bias:
+        np.sum([db_r for _, db_r in partial], axis=0, out=db)
     return dx.reshape(dout_in.shape)
 
 

@@ -122,15 +122,17 @@ def linear_backward(dy, cache):
 
 # ---- LayerNorm -------------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b):
-    """x (..., C), w (C,), b (C,) -> y (..., C) = (x - mean) / sqrt(var + eps) * w + b, over C"""
+def layernorm_forward(x, w, b=None):
+    """x (..., C), w (C,), b (C,) or None -> y (..., C) = (x - mean) / sqrt(var + eps) * w + b, over C"""
     mean = x.mean(axis=-1, keepdims=True)             # (..., 1)
     xc = x - mean                                     # centred
     var = (xc * xc).mean(axis=-1, keepdims=True)      # (..., 1), the biased variance (divides by C)
     rstd = 1.0 / np.sqrt(var + LN_EPS)                # (..., 1), the reciprocal standard deviation
     xhat = xc * rstd                                  # (..., C): mean 0, variance 1 per row
-    y = xhat * w + b
-    return y, (xhat, rstd, w)
+    y = xhat * w
+    if b is not None:
+        y = y + b
+    return y, (xhat, rstd, w, b is not None)
 
 
 def layernorm_backward(dy, cache):
@@ -152,14 +154,14 @@ def layernorm_backward(dy, cache):
     the direct path, the path through the mean, and the path through the variance.
     (llm.c's doc/layernorm derives the same expression.)
     """
-    xhat, rstd, w = cache
+    xhat, rstd, w, has_bias = cache
     C = dy.shape[-1]
     dxhat = dy * w
     mean_term = dxhat.mean(axis=-1, keepdims=True)                  # (..., 1): through the mean
     var_term = xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)   # (..., C): through the variance
     dx = (dxhat - mean_term - var_term) * rstd
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)                     # (C,)
-    db = dy.reshape(-1, C).sum(axis=0)                              # (C,)
+    db = dy.reshape(-1, C).sum(axis=0) if has_bias else None       # (C,)
     return dx, dw, db
 
 
