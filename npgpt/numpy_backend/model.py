@@ -60,7 +60,8 @@ class NumpyGPT(Backend):
     it in again). The work runs on npgpt's thread pool, one thread per CPU (threads.py;
     threads.set_num_threads or $NPGPT_NUM_THREADS; results do not depend on it), and while the
     model computes, NumPy's BLAS runs one thread per call (on_the_pool). With kernels="reference"
-    the model runs reference.py: whole arrays, no pool, BLAS with its own threads.
+    the model runs gpt2.py on reference.py's layers: whole arrays, no pool, BLAS with its own
+    threads, and self.g is the dict of gradients gpt2_backward returned.
     """
 
     backend = "numpy"
@@ -69,7 +70,8 @@ class NumpyGPT(Backend):
                  seed: int = 123, kernels: str = "fast"):
         """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
         that then writes each tensor straight into param_views(). kernels: "fast" (layers.py) or
-        "reference" (reference.py: forward, backward, clipping and AdamW; see the kernels property)."""
+        "reference" (gpt2.py's forward and backward, reference.py's clipping and AdamW; see the
+        kernels property)."""
         keep_freed_memory()
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
@@ -159,7 +161,8 @@ class NumpyGPT(Backend):
         shared out over the cores, the blocks' sums of squares added in order in float64 (the same
         bits for any number of threads). In float32 each block is squared and summed (pairwise) in
         float32: within about 1e-8 (relative) of clip_grad_norm's, which widens each block to
-        float64 first and so costs 2.5x more (in float64 the two are the same sum)."""
+        float64 first and so costs 2.5x more (in float64 the two are the same sum). With the
+        reference kernels: the same sum over the dict of gradients, tensor by tensor."""
         if self.kernels == "reference":
             return float(np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in self.g.values())))
         g, block = self.flat_grads, 1 << 16

@@ -17,12 +17,12 @@ Weights are in PyTorch's (out, in) layout: a linear layer is x @ w.T + b.
 
 Notation. A gradient is always of the loss L: d<name> means dL/d(name), an array of name's shape
 (dx is dL/dx, dout is dL/dout). A derivative of one tensor with respect to another, a *local*
-derivative such as dy_i/dx_j below, is written with both names and never abbreviated. delta_ij
+derivative, is written with the partial sign and both names: ∂y_i/∂x_j, never dy. delta_ij
 is 1 when i == j and 0 otherwise (the entries of an identity matrix); [cond] is 1 when cond holds
 and 0 otherwise; sum_i and mean_i run over the index named, a row's C (or K, V) entries.
 
 The chain rule, in the form every backward uses: if y = f(x) and the loss L depends on x only
-through y, then dL/dx_j = sum_i dL/dy_i * dy_i/dx_j. A backward gets dout = dL/dout and returns
+through y, then dL/dx_j = sum_i dL/dy_i * ∂y_i/∂x_j. A backward gets dout = dL/dout and returns
 dL/d(input), then dL/d(each parameter). It all starts at the loss, where dL/dL = 1: that is why
 cross_entropy_backward, the first backward to run, takes no dout.
 
@@ -90,7 +90,7 @@ def dropout_forward(x, mask):
 
 
 def dropout_backward(dout, cache):
-    """out = x * mask, entry by entry: dout/dx = mask, so dx = dout * mask. A dropped entry (mask 0)
+    """out = x * mask, entry by entry: ∂out/∂x = mask, so dx = dout * mask. A dropped entry (mask 0)
     passes no gradient, a kept one passes it scaled by 1 / (1 - p), as the forward scaled the value."""
     mask = cache
     if mask is None:
@@ -113,7 +113,7 @@ def linear_backward(dy, cache):
 
     With the rows of x and y numbered n (all leading axes flattened):
         y[n, o] = sum_i x[n, i] * w[o, i] + b[o]
-    so dy[n, o]/dx[n, i] = w[o, i], dy[n, o]/dw[o, i] = x[n, i], dy[n, o]/db[o] = 1, and
+    so ∂y[n, o]/∂x[n, i] = w[o, i], ∂y[n, o]/∂w[o, i] = x[n, i], ∂y[n, o]/∂b[o] = 1, and
         dx[n, i] = sum_o dy[n, o] * w[o, i]    dx = dy @ w           (a product with w, not w.T)
         dw[o, i] = sum_n dy[n, o] * x[n, i]    dw = dy.T @ x         (every row used the same w)
         db[o]    = sum_n dy[n, o]              db = dy summed over rows
@@ -151,15 +151,15 @@ def layernorm_backward(dy, cache):
     The normalisation, one row of C entries: xhat_i = (x_i - mean) * rstd, where
         mean = (1/C) sum_k x_k,   var = (1/C) sum_k (x_k - mean)^2,   rstd = (var + eps)^(-1/2).
     Every x_j moves the mean and the variance, so every xhat_i depends on every x_j:
-        d mean / d x_j = 1/C
-        d var / d x_j  = (2/C) sum_k (x_k - mean) (delta_kj - 1/C) = (2/C) (x_j - mean)
-                         (the sum of (x_k - mean) over k is 0)
-        d rstd / d x_j = -(1/2) (var + eps)^(-3/2) * d var / d x_j
-                       = -(1/2) rstd^3 * (2/C) (x_j - mean)            ((var + eps)^(-3/2) = rstd^3)
-                       = -rstd^2 xhat_j / C                            (rstd (x_j - mean) = xhat_j)
-        d xhat_i / d x_j = rstd (delta_ij - 1/C) + (x_i - mean) * d rstd / d x_j
-                         = rstd (delta_ij - 1/C - xhat_i xhat_j / C)
-    Then dx_j = sum_i dxhat_i * d xhat_i / d x_j, and each of the three terms in the bracket gives
+        ∂mean/∂x_j = 1/C
+        ∂var/∂x_j  = (2/C) sum_k (x_k - mean) (delta_kj - 1/C) = (2/C) (x_j - mean)
+                     (the sum of (x_k - mean) over k is 0)
+        ∂rstd/∂x_j = -(1/2) (var + eps)^(-3/2) * ∂var/∂x_j
+                   = -(1/2) rstd^3 * (2/C) (x_j - mean)        ((var + eps)^(-3/2) = rstd^3)
+                   = -rstd^2 xhat_j / C                        (rstd (x_j - mean) = xhat_j)
+        ∂xhat_i/∂x_j = rstd (delta_ij - 1/C) + (x_i - mean) * ∂rstd/∂x_j
+                     = rstd (delta_ij - 1/C - xhat_i xhat_j / C)
+    Then dx_j = sum_i dxhat_i * ∂xhat_i/∂x_j, and each of the three terms in the bracket gives
     one sum over i:
         sum_i dxhat_i rstd delta_ij         = rstd dxhat_j                     (only i = j is left)
         sum_i dxhat_i rstd (1/C)            = rstd mean_i(dxhat_i)
@@ -193,15 +193,16 @@ def gelu_backward(dy, cache):
     """dy (...) -> dx (...)
 
     y = 0.5 x (1 + t) with t = tanh(u), u = k (x + 0.044715 x^3), k = sqrt(2/pi). By the product rule,
-        dy/dx = 0.5 (1 + t) + 0.5 x dt/dx
-    and with tanh'(u) = 1 - tanh(u)^2 and du/dx = k (1 + 3 * 0.044715 x^2),
-        dt/dx = (1 - t^2) * k (1 + 3 * 0.044715 x^2).
+        ∂y/∂x = 0.5 (1 + t) + 0.5 x ∂t/∂x
+    and with tanh'(u) = 1 - tanh(u)^2 and ∂u/∂x = k (1 + 3 * 0.044715 x^2),
+        ∂t/∂x = (1 - t^2) * k (1 + 3 * 0.044715 x^2),
+    entry by entry, so dx = dy * ∂y/∂x.
     The forward kept t, so no tanh is recomputed.
     """
     x, t = cache
     du_dx = GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
-    return dy * dgelu
+    dy_dx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx     # the local derivative ∂y/∂x
+    return dy * dy_dx
 
 
 # ---- softmax ---------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def softmax_backward(dp, cache):
     """dp (..., K) -> dz (..., K) = p * (dp - sum(p * dp)) over the last axis
 
     p_i = exp(z_i) / S with S = sum_k exp(z_k). Its Jacobian, by the quotient rule:
-        d p_i / d z_j = (delta_ij exp(z_i) S - exp(z_i) exp(z_j)) / S^2 = p_i (delta_ij - p_j)
+        ∂p_i/∂z_j = (delta_ij exp(z_i) S - exp(z_i) exp(z_j)) / S^2 = p_i (delta_ij - p_j)
     a K x K matrix per row, diag(p) - p p^T. Applied to dp it collapses to a vector expression:
         dz_j = sum_i dp_i p_i (delta_ij - p_j) = p_j dp_j - p_j sum_i p_i dp_i
              = p_j (dp_j - sum_i p_i dp_i)
@@ -298,7 +299,7 @@ def residual_forward(x, fx):
 
 
 def residual_backward(dout, cache):
-    """dout (..., C) -> (dx, dfx), both dout: out = x + fx, so d out / d x = 1 and d out / d fx = 1.
+    """dout (..., C) -> (dx, dfx), both dout: out = x + fx, so ∂out/∂x = 1 and ∂out/∂fx = 1.
 
     x is also f's input, so x receives a second gradient, the one that flows back through f, and
     the two add: dx_total = dout + (what f's backward gives for dfx). gpt2.py's block_backward
@@ -331,7 +332,7 @@ def cross_entropy_backward(cache):
 
     No dout: the loss is the end of the forward, and the gradient that arrives at it is dL/dL = 1.
     One position's loss is l = log(sum_k exp(z_k)) - z_t, t its target. Then
-        dl / dz_j = exp(z_j) / sum_k exp(z_k) - [j == t] = p_j - onehot_j
+        ∂l/∂z_j = exp(z_j) / sum_k exp(z_k) - [j == t] = p_j - onehot_j
     The mean over N positions gives each position's gradient the factor 1 / N. (The softmax's
     Jacobian and the log's derivative cancel into this simple form: one reason softmax and
     cross-entropy are computed together.)
