@@ -9,9 +9,10 @@ becomes
     d.fc = ...  # TODO: (B, T, 4C)
 
 (`...` is Python's Ellipsis, which `cmp` refuses with "still a blank"); any other statement becomes
-`...  # TODO: <its target> = ?` or `...  # TODO: <the function it calls>(?)`. tests/test_notebook.py checks that the committed
-twin is this script's output and that it matches the solved notebook line for line outside the
-blanks. Run with --check to exit 1 when the committed twin is out of date.
+`...  # TODO: <its target> = ?` or `...  # TODO: <the function it calls>(?)`.
+tests/test_notebook.py checks that the committed twin is this script's output and that it matches
+the solved notebook line for line outside the blanks. With --check: exit 1 when the committed
+twin is out of date.
 """
 from __future__ import annotations
 
