@@ -51,19 +51,21 @@ def block_forward(p, h, x, n_heads, mask):
     x = x + dropout(c_proj(attention(c_attn(ln_1(x)))));  x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
     """
     B, T, C = x.shape
+    w = lambda name: p[h + name + ".weight"]        # noqa: E731  this block's parameters, by name
+    b = lambda name: p.get(h + name + ".bias")      # noqa: E731  None in a model without biases
     c = {}
-    a, c["ln_1"] = R.layernorm_forward(x, p[h + "ln_1.weight"], p.get(h + "ln_1.bias"))       # (B, T, C)
-    a, c["c_attn"] = R.linear_forward(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))  # (B, T, 3C)
-    a, c["attn"] = R.attention_forward(a, n_heads, mask(h + "attn", (B, n_heads, T, T)))     # (B, T, C)
-    a, c["c_proj"] = R.linear_forward(a, p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))  # (B, T, C)
-    a, c["drop_1"] = R.dropout_forward(a, mask(h + "resid_1", (B, T, C)))                     # (B, T, C)
-    x, _ = R.residual_forward(x, a)                                                           # x + a
-    m, c["ln_2"] = R.layernorm_forward(x, p[h + "ln_2.weight"], p.get(h + "ln_2.bias"))       # (B, T, C)
-    m, c["c_fc"] = R.linear_forward(m, p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"))  # (B, T, 4C)
-    m, c["gelu"] = R.gelu_forward(m)                                                          # (B, T, 4C)
-    m, c["mlp_proj"] = R.linear_forward(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))  # (B, T, C)
-    m, c["drop_2"] = R.dropout_forward(m, mask(h + "resid_2", (B, T, C)))                     # (B, T, C)
-    x, _ = R.residual_forward(x, m)                                                           # x + m
+    a, c["ln_1"] = R.layernorm_forward(x, w("ln_1"), b("ln_1"))                          # (B, T, C)
+    a, c["attn.c_attn"] = R.linear_forward(a, w("attn.c_attn"), b("attn.c_attn"))       # (B, T, 3C)
+    a, c["attn"] = R.attention_forward(a, n_heads, mask(h + "attn", (B, n_heads, T, T)))  # (B, T, C)
+    a, c["attn.c_proj"] = R.linear_forward(a, w("attn.c_proj"), b("attn.c_proj"))       # (B, T, C)
+    a, c["drop_1"] = R.dropout_forward(a, mask(h + "resid_1", (B, T, C)))                 # (B, T, C)
+    x, _ = R.residual_forward(x, a)                                                       # x + a
+    m, c["ln_2"] = R.layernorm_forward(x, w("ln_2"), b("ln_2"))                          # (B, T, C)
+    m, c["mlp.c_fc"] = R.linear_forward(m, w("mlp.c_fc"), b("mlp.c_fc"))                 # (B, T, 4C)
+    m, c["gelu"] = R.gelu_forward(m)                                                      # (B, T, 4C)
+    m, c["mlp.c_proj"] = R.linear_forward(m, w("mlp.c_proj"), b("mlp.c_proj"))           # (B, T, C)
+    m, c["drop_2"] = R.dropout_forward(m, mask(h + "resid_2", (B, T, C)))                 # (B, T, C)
+    x, _ = R.residual_forward(x, m)                                                       # x + m
     return x, c
 
 
@@ -97,30 +99,32 @@ def gpt2_backward(cache):
 
 def block_backward(dx, c, h, g):
     """dx (B, T, C), the gradient at the block's output -> the gradient at its input (B, T, C);
-    the block's parameter gradients go into g under their names (h + "...")."""
+    the block's parameter gradients go into g under their names (h + "ln_1.weight", ...)."""
+    gb = {}                                         # this block's, by the names after h
     # x = x + m:  both x and m get dx
-    dx, dm = R.residual_backward(dx, None)                                                    # (B, T, C) x 2
+    dx, dm = R.residual_backward(dx, None)                                                 # (B, T, C) x 2
     # m = dropout(m)
-    dm = R.dropout_backward(dm, c["drop_2"])                                                  # (B, T, C)
+    dm = R.dropout_backward(dm, c["drop_2"])                                               # (B, T, C)
     # m = mlp.c_proj(m)
-    dm, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"] = R.linear_backward(dm, c["mlp_proj"])  # (B, T, 4C)
+    dm, gb["mlp.c_proj.weight"], gb["mlp.c_proj.bias"] = R.linear_backward(dm, c["mlp.c_proj"])  # (B, T, 4C)
     # m = gelu(m)
-    dm = R.gelu_backward(dm, c["gelu"])                                                       # (B, T, 4C)
+    dm = R.gelu_backward(dm, c["gelu"])                                                    # (B, T, 4C)
     # m = mlp.c_fc(m)
-    dm, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"] = R.linear_backward(dm, c["c_fc"])   # (B, T, C)
+    dm, gb["mlp.c_fc.weight"], gb["mlp.c_fc.bias"] = R.linear_backward(dm, c["mlp.c_fc"])  # (B, T, C)
     # m = ln_2(x)
-    dm, g[h + "ln_2.weight"], g[h + "ln_2.bias"] = R.layernorm_backward(dm, c["ln_2"])        # (B, T, C)
-    dx = dx + dm                # x fed the residual and ln_2: its two gradients add
+    dm, gb["ln_2.weight"], gb["ln_2.bias"] = R.layernorm_backward(dm, c["ln_2"])           # (B, T, C)
+    dx = dx + dm            # x fed the residual and ln_2: its two gradients add
     # x = x + a:  both x and a get dx
-    dx, da = R.residual_backward(dx, None)                                                    # (B, T, C) x 2
+    dx, da = R.residual_backward(dx, None)                                                 # (B, T, C) x 2
     # a = dropout(a)
-    da = R.dropout_backward(da, c["drop_1"])                                                  # (B, T, C)
+    da = R.dropout_backward(da, c["drop_1"])                                               # (B, T, C)
     # a = attn.c_proj(a)
-    da, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"] = R.linear_backward(da, c["c_proj"])  # (B, T, C)
+    da, gb["attn.c_proj.weight"], gb["attn.c_proj.bias"] = R.linear_backward(da, c["attn.c_proj"])  # (B, T, C)
     # a = attention(a)
-    da = R.attention_backward(da, c["attn"])                                                  # (B, T, 3C)
+    da = R.attention_backward(da, c["attn"])                                               # (B, T, 3C)
     # a = attn.c_attn(a)
-    da, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"] = R.linear_backward(da, c["c_attn"])  # (B, T, C)
+    da, gb["attn.c_attn.weight"], gb["attn.c_attn.bias"] = R.linear_backward(da, c["attn.c_attn"])  # (B, T, C)
     # a = ln_1(x)
-    da, g[h + "ln_1.weight"], g[h + "ln_1.bias"] = R.layernorm_backward(da, c["ln_1"])        # (B, T, C)
-    return dx + da              # x fed the residual and ln_1: its two gradients add
+    da, gb["ln_1.weight"], gb["ln_1.bias"] = R.layernorm_backward(da, c["ln_1"])           # (B, T, C)
+    g.update({h + name: grad for name, grad in gb.items()})
+    return dx + da          # x fed the residual and ln_1: its two gradients add
