@@ -359,9 +359,9 @@ def adamw_update(p, g, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0
     Loshchilov & Hutter's paper (Algorithm 2) decouples the decay the same way but scales it by the
     schedule multiplier eta_t, not by the learning rate alpha:
         p = p - eta_t * (alpha * m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
-    so the paper's weight_decay is per step (times the schedule), torch's is per unit of lr: the
-    book's weight_decay=0.1 at lr=4e-4 shrinks p by 4e-5 a step. With lr = eta_t * alpha the two
-    agree when torch's weight_decay is the paper's divided by alpha.
+    so the paper's weight_decay is a fraction of p per step (times the schedule), torch's a fraction
+    per unit of lr: the book's weight_decay=0.1 at lr=4e-4 multiplies p by 1 - 4e-5 each step. With
+    lr = eta_t * alpha the two are the same update when torch's weight_decay is the paper's / alpha.
     """
     b1, b2 = betas
     p = p - lr * weight_decay * p
