@@ -14,8 +14,9 @@ def build_model(cfg: GPTConfig, backend: str = "numpy", seed: int = 123, dtype: 
                 device: str | None = None, params: dict | None = None, kernels: str = "fast", **torch_options):
     """A GPT-2 model initialised from the seed (or from params, a dict of NumPy arrays).
 
-    kernels (numpy backend): "fast" (numpy_backend/layers.py) or "reference" (reference.py, the
-    textbook form: forward, backward, clipping and AdamW all run on it).
+    kernels (numpy backend): "fast" (numpy_backend/layers.py) or "reference" (numpy_backend/gpt2.py,
+    GPT-2 written with reference.py's layers, the textbook form; clipping and AdamW run on
+    reference.py too).
 
     torch_options (torch backend only, but grad_accum): compile=True for torch.compile, autocast="bf16"
     (CUDA or CPU) or "fp16" (with a GradScaler), grad_accum=k to run each batch as k micro-batches

@@ -1,7 +1,7 @@
 """`npgpt gradcheck`: every hand-written gradient of the NumPy backend against finite differences.
 
-Run it after you change the math in numpy_backend/reference.py (--kernels reference) or
-layers.py (the default, --kernels fast). It builds a small float64 model with
+Run it after you change the math in numpy_backend/reference.py or gpt2.py (--kernels reference)
+or layers.py (the default, --kernels fast). It builds a small float64 model with
 dropout, takes one batch's gradients from the hand-written backward, and compares each parameter
 tensor with fourth-order central differences of the loss on a few of its entries (always the
 largest), and with PyTorch autograd on every entry when torch is installed. One row per tensor,
@@ -104,7 +104,7 @@ def gradcheck(preset: str = "tiny", seed: int = 123, print_fn=print, *, batch_si
     overrides replace fields of the preset (drop_rate is DROP_RATE unless given; a small
     vocab_size makes every loss far cheaper). compare_torch=False skips torch even when it is
     installed (the column then shows "-"). kernels: the NumPy model's layers, "fast" (layers.py)
-    or "reference" (reference.py).
+    or "reference" (gpt2.py on reference.py's layers).
     """
     overrides = {"drop_rate": DROP_RATE, **overrides}
     cfg = GPTConfig.preset(preset, **overrides)
@@ -164,7 +164,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=123, help="parameters, batch and dropout masks "
                                                               "(default: 123)")
     parser.add_argument("--kernels", choices=("fast", "reference"), default="fast",
-                        help="the layers to check: fast (layers.py, the default) or reference (reference.py)")
+                        help="the layers to check: fast (layers.py, the default) or reference "
+                             "(gpt2.py on reference.py)")
 
 
 def run(args) -> int:

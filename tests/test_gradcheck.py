@@ -38,7 +38,7 @@ def gelu_off_by_1_percent(real):
 def layernorm_without_mean_term(real):
     """dx = (dxhat - xhat * mean(dxhat * xhat)) * rstd: the - mean(dxhat) term forgotten."""
     def backward(dout, cache, dw, db):
-        xhat, rstd, w = cache
+        xhat, rstd, w, _ = cache
         return real(dout, cache, dw, db) + rstd * np.mean(dout * w, axis=-1, keepdims=True)
     return backward
 

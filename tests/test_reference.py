@@ -55,11 +55,15 @@ def case_linear(bias=True):
     return [("y", y, ty), ("dx", dx, ref[0]), ("dw", dw, ref[1])] + ([("db", db, ref[2])] if bias else [])
 
 
-def case_layernorm():
+def case_layernorm(bias=True):
     x, w, b, dy = rand(B, T, C, scale=3) + 1, rand(C, seed=1), rand(C, seed=2), rand(B, T, C, seed=3)
-    y, cache = R.layernorm_forward(x, w, b)
+    y, cache = R.layernorm_forward(x, w, b if bias else None)
     dx, dw, db = R.layernorm_backward(dy, cache)
     tx, tw, tb = t(x), t(w), t(b)
+    if not bias:
+        ty = F.layer_norm(tx, (C,), tw, None, eps=R.LN_EPS)
+        assert db is None
+        return list(zip(("y", "dx", "dw"), (y, dx, dw), (ty, *torch_grads(ty, dy, tx, tw))))
     ty = F.layer_norm(tx, (C,), tw, tb, eps=R.LN_EPS)
     return list(zip(("y", "dx", "dw", "db"), (y, dx, dw, db), (ty, *torch_grads(ty, dy, tx, tw, tb))))
 
@@ -135,7 +139,8 @@ def case_residual():
 
 
 CASES = {"linear": case_linear, "linear without bias": lambda: case_linear(bias=False),
-         "layernorm": case_layernorm, "gelu": case_gelu, "softmax": case_softmax,
+         "layernorm": case_layernorm, "layernorm without bias": lambda: case_layernorm(bias=False),
+         "gelu": case_gelu, "softmax": case_softmax,
          "attention": case_attention, "attention without dropout": lambda: case_attention(dropout=False),
          "cross_entropy": case_cross_entropy, "embedding": case_embedding, "dropout": case_dropout,
          "residual": case_residual}
@@ -245,7 +250,8 @@ def test_kernels_are_refused_where_they_do_not_apply():
 # ---- a reference backward broken by 10% is caught --------------------------------------------
 
 BACKWARDS = {   # backward -> the CASES that run it
-    "linear_backward": ["linear"], "layernorm_backward": ["layernorm"], "gelu_backward": ["gelu"],
+    "linear_backward": ["linear"], "layernorm_backward": ["layernorm", "layernorm without bias"],
+    "gelu_backward": ["gelu"],
     "softmax_backward": ["softmax", "attention"], "attention_backward": ["attention"],
     "cross_entropy_backward": ["cross_entropy"], "embedding_backward": ["embedding"],
     "dropout_backward": ["dropout", "attention"], "residual_backward": ["residual"]}
@@ -272,10 +278,10 @@ def test_a_broken_backward_fails_against_torch(monkeypatch, backward):
             compare(case)
 
 
-@pytest.mark.parametrize("backward", [b for b in BACKWARDS if b != "residual_backward"])
+@pytest.mark.parametrize("backward", list(BACKWARDS))
 def test_a_broken_backward_fails_gradcheck(monkeypatch, backward):
-    """Every backward the model runs (softmax's inside attention_backward; the residual's pass-through
-    is model.py's own `dx = dx + ...`): gradcheck on the reference kernels fails."""
+    """Every backward the reference model (gpt2.py) runs, softmax's inside attention_backward:
+    gradcheck on the reference kernels fails."""
     monkeypatch.setattr(R, backward, off_by_10_percent(getattr(R, backward)))
     lines = []
     assert G.gradcheck(print_fn=lines.append, compare_torch=False, vocab_size=256, kernels="reference")

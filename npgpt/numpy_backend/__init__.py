@@ -1,7 +1,8 @@
 """The NumPy backend: GPT-2's forward, backward and AdamW written by hand.
 
-reference.py is the textbook form of every layer, layers.py the same math made fast; model.py runs
-either (build_model(kernels=...)), optim.py is AdamW. Importing this package loads none of them:
+reference.py is the textbook form of every layer and gpt2.py GPT-2 written with them; layers.py
+and softmax_layers.py are the same math made fast; model.py runs either (build_model(kernels=...)),
+optim.py is AdamW. Importing this package loads none of them:
 NumpyGPT and AdamW load on first use, so `import npgpt.numpy_backend.reference` loads NumPy alone.
 """
 __all__ = ["NumpyGPT", "AdamW"]

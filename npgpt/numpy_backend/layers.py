@@ -2,15 +2,17 @@
 
 reference.py is the textbook form of every layer, one idea per line and every backward derived;
 this file is the same math made fast, function by function under the same names (each docstring
-names its twin), and tests/test_numpy_kernels.py proves each equal to its twin.
+names its twin), and tests/test_numpy_kernels.py proves each equal to its twin. It holds the
+per-row layers (embedding, dropout, linear, LayerNorm, GELU); the two built on a row softmax,
+attention and cross-entropy, are in softmax_layers.py and imported at the end of this file, so
+that `layers` names every fast kernel the model calls.
 
 Shapes: B batch, T time (tokens), C channels (emb_dim), NH heads, hs head size (C // NH),
 V vocabulary, N = B * T rows; `...` is any number of leading axes. Every function takes the shapes
 its twin takes: the per-row layers (linear, LayerNorm, GELU, dropout, cross-entropy) any
 (..., C), embedding (..., T) ids and attention (..., T, 3C). Each works on a reshape of its
-input to the (N, C) rows, or to one batch axis (a view: no copy for a contiguous array, and the
-model's (N, C) arrays pass through unchanged), and returns the caller's leading shape. A shape
-that does not fit raises ValueError naming the argument and the shape expected. Weights are in
+input to the (N, C) rows (rows.py), and returns the caller's leading shape. A shape that does
+not fit raises ValueError naming the argument and the shape expected. Weights are in
 PyTorch's (out, in) layout, so a linear layer is x @ w.T + b.
 
 `<op>_forward(...)` returns (out, cache): the cache holds exactly what the backward needs.
@@ -37,35 +39,9 @@ import math
 
 import numpy as np
 
-from .reference import GELU_K, LN_EPS, causal_bias     # one copy of the constants
-from .threads import for_row_blocks, matmul, parallel_map, uniform_float32
-
-
-def _shape_error(name, expected, a):
-    return ValueError(f"{name}: expected shape {expected}, got {np.shape(a)}")
-
-
-def _rows(a, name, expected="(..., C)"):
-    """a (..., C) -> its (N, C) view (a reshape: no copy for a contiguous array, none at all for
-    an (N, C) one). A non-contiguous a is copied, which is fine where a is only read."""
-    if np.ndim(a) < 1:
-        raise _shape_error(name, expected, a)
-    return a.reshape(-1, a.shape[-1])
-
-
-def _entries(a):
-    """_rows for math entry by entry, which also takes a 0-d a: as one (1, 1) row."""
-    return a.reshape(-1, a.shape[-1]) if np.ndim(a) else np.reshape(a, (1, 1))
-
-
-def _rows_in_place(a, name, expected):
-    """_rows for an array that is overwritten in place: a copy would leave the caller's unchanged."""
-    r = _rows(a, name, expected)
-    if r.size and not np.may_share_memory(r, a):
-        raise ValueError(f"{name}: expected an array whose (N, V) rows are a view of it, as it is "
-                         f"overwritten in place (a contiguous one); got shape {a.shape}, "
-                         f"strides {a.strides}")
-    return r
+from .reference import GELU_K, LN_EPS     # one copy of the constants
+from .rows import as_entries, as_rows, shape_error
+from .threads import for_row_blocks, matmul, uniform_float32
 
 
 # ---- embeddings: token + position ------------------------------------------------------------
@@ -73,7 +49,7 @@ def _rows_in_place(a, name, expected):
 def embedding_forward(idx, wte, wpe):
     """idx (..., T) int -> x (..., T, C) = wte[idx] + wpe[:T]. Twin: reference.embedding_forward."""
     if np.ndim(idx) < 1 or idx.shape[-1] > len(wpe):
-        raise _shape_error("idx", f"(..., T) with T <= {len(wpe)} (the rows of wpe)", idx)
+        raise shape_error("idx", f"(..., T) with T <= {len(wpe)} (the rows of wpe)", idx)
     T = idx.shape[-1]
     out = wte[idx]                                    # (..., T, C)
     out += wpe[:T]
@@ -86,12 +62,12 @@ def embedding_backward(dout, cache, dwte, dwpe):
     dout (..., T, C), dwte (V, C), dwpe (context_length, C). Twin: reference.embedding_backward."""
     idx = cache
     if np.ndim(dwte) != 2:
-        raise _shape_error("dwte", "(V, C)", dwte)
+        raise shape_error("dwte", "(V, C)", dwte)
     C, T = dwte.shape[1], idx.shape[-1]
     if np.shape(dout) != (*idx.shape, C):
-        raise _shape_error("dout", f"the ids' shape + (C,) = {(*idx.shape, C)}", dout)
+        raise shape_error("dout", f"the ids' shape + (C,) = {(*idx.shape, C)}", dout)
     if np.ndim(dwpe) != 2 or dwpe.shape[0] < T or dwpe.shape[1] != C:
-        raise _shape_error("dwpe", f"(context_length, {C}) with context_length >= {T}", dwpe)
+        raise shape_error("dwpe", f"(context_length, {C}) with context_length >= {T}", dwpe)
     np.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))
     dwpe[:T] = dout.reshape(-1, T, C).sum(axis=0)     # (T, C): summed over the batch
     dwpe[T:] = 0
@@ -122,7 +98,7 @@ def dropout_forward(x, mask):
 
     mask is a scaled keep-mask from dropout_mask."""
     if mask is not None and np.shape(mask) != np.shape(x):
-        raise _shape_error("mask", f"x's {np.shape(x)}", mask)
+        raise shape_error("mask", f"x's {np.shape(x)}", mask)
     if mask is None:
         return x, None
     return x * mask, mask
@@ -132,7 +108,7 @@ def dropout_backward(dout, cache):
     """dout (...) -> dx (...) = dout * mask. Twin: reference.dropout_backward."""
     mask = cache
     if mask is not None and np.shape(dout) != np.shape(mask):
-        raise _shape_error("dout", f"the mask's {np.shape(mask)}", dout)
+        raise shape_error("dout", f"the mask's {np.shape(mask)}", dout)
     return dout if mask is None else dout * mask
 
 
@@ -141,13 +117,13 @@ def dropout_backward(dout, cache):
 def linear_forward(x, w, b=None):
     """x (..., Cin), w (Cout, Cin), b (Cout,) or None -> (..., Cout). Twin: reference.linear_forward."""
     if np.ndim(w) != 2:
-        raise _shape_error("w", "(Cout, Cin)", w)
+        raise shape_error("w", "(Cout, Cin)", w)
     Cout, Cin = w.shape
     if np.ndim(x) < 1 or x.shape[-1] != Cin:
-        raise _shape_error("x", f"(..., {Cin})", x)
+        raise shape_error("x", f"(..., {Cin})", x)
     if b is not None and np.shape(b) != (Cout,):
-        raise _shape_error("b", f"({Cout},)", b)
-    x_rows = _rows(x, "x")                            # (N, Cin)
+        raise shape_error("b", f"({Cout},)", b)
+    x_rows = as_rows(x, "x")                            # (N, Cin)
     out = matmul(x_rows, w.T)
     if b is not None:
         for_row_blocks(lambda r: np.add(out[r], b, out=out[r]), out)
@@ -161,12 +137,12 @@ def linear_backward(dout, cache, dw, db=None):
     x, w = cache
     Cout, Cin = w.shape
     if np.ndim(dout) < 1 or dout.shape[-1] != Cout or dout.size // Cout != x.size // Cin:
-        raise _shape_error("dout", f"(..., {Cout}) with {x.size // Cin} rows", dout)
+        raise shape_error("dout", f"(..., {Cout}) with {x.size // Cin} rows", dout)
     if np.shape(dw) != (Cout, Cin):
-        raise _shape_error("dw", f"({Cout}, {Cin})", dw)
+        raise shape_error("dw", f"({Cout}, {Cin})", dw)
     if db is not None and np.shape(db) != (Cout,):
-        raise _shape_error("db", f"({Cout},)", db)
-    dout_rows, x = _rows(dout, "dout"), x.reshape(-1, Cin)           # (N, Cout), (N, Cin)
+        raise shape_error("db", f"({Cout},)", db)
+    dout_rows, x = as_rows(dout, "dout"), x.reshape(-1, Cin)           # (N, Cout), (N, Cin)
     matmul(dout_rows.T, x, out=dw)                    # (Cout, N) @ (N, Cin)
     if db is not None:                                # summed per block of rows, then over blocks
         np.sum(for_row_blocks(lambda r: np.sum(dout_rows[r], axis=0), dout_rows), axis=0, out=db)
@@ -175,17 +151,17 @@ def linear_backward(dout, cache, dw, db=None):
 
 # ---- LayerNorm -------------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b):
-    """x (..., C), w (C,), b (C,) -> (x - mean) / sqrt(var + eps) * w + b, statistics over C.
+def layernorm_forward(x, w, b=None):
+    """x (..., C), w (C,), b (C,) or None -> (x - mean) / sqrt(var + eps) * w + b, statistics over C.
 
     Twin: reference.layernorm_forward."""
     x_in = x
-    x = _rows(x, "x")                                                 # (N, C)
+    x = as_rows(x, "x")                                                 # (N, C)
     C = x.shape[1]
     if np.shape(w) != (C,):
-        raise _shape_error("w", f"({C},)", w)
-    if np.shape(b) != (C,):
-        raise _shape_error("b", f"({C},)", b)
+        raise shape_error("w", f"({C},)", w)
+    if b is not None and np.shape(b) != (C,):
+        raise shape_error("b", f"({C},)", b)
     out, xhat = np.empty_like(x), np.empty_like(x)
     rstd = np.empty((len(x), 1), x.dtype)                             # (N, 1)
 
@@ -194,24 +170,28 @@ def layernorm_forward(x, w, b):
         var = np.mean(xhat[r] * xhat[r], axis=-1, keepdims=True)
         rstd[r] = 1.0 / np.sqrt(var + LN_EPS)
         xhat[r] *= rstd[r]
-        np.add(xhat[r] * w, b, out=out[r])
+        np.multiply(xhat[r], w, out=out[r])
+        if b is not None:
+            out[r] += b
     for_row_blocks(rows, x)
     lead = x_in.shape[:-1]
-    return out.reshape(*lead, C), (xhat.reshape(*lead, C), rstd.reshape(*lead, 1), w)
+    return out.reshape(*lead, C), (xhat.reshape(*lead, C), rstd.reshape(*lead, 1), w, b is not None)
 
 
-def layernorm_backward(dout, cache, dw, db):
-    """Writes dw, db (C,) in place; dout (..., C) -> dx (..., C). Twin: reference.layernorm_backward."""
-    xhat, rstd, w = cache
+def layernorm_backward(dout, cache, dw, db=None):
+    """Writes dw, db (C,) in place (db None: the forward had no bias); dout (..., C) -> dx (..., C).
+
+    Twin: reference.layernorm_backward."""
+    xhat, rstd, w, has_bias = cache
     C = w.shape[0]
     if np.ndim(dout) < 1 or dout.shape[-1] != C or dout.size != xhat.size:
-        raise _shape_error("dout", f"(..., {C}) with {xhat.size // C} rows", dout)
+        raise shape_error("dout", f"(..., {C}) with {xhat.size // C} rows", dout)
     if np.shape(dw) != (C,):
-        raise _shape_error("dw", f"({C},)", dw)
-    if np.shape(db) != (C,):
-        raise _shape_error("db", f"({C},)", db)
+        raise shape_error("dw", f"({C},)", dw)
+    if has_bias != (db is not None) or (has_bias and np.shape(db) != (C,)):
+        raise shape_error("db", f"({C},)", db)
     dout_in = dout
-    dout, xhat, rstd = _rows(dout, "dout"), xhat.reshape(-1, C), rstd.reshape(-1, 1)
+    dout, xhat, rstd = as_rows(dout, "dout"), xhat.reshape(-1, C), rstd.reshape(-1, 1)
     dx = np.empty_like(dout)
 
     def rows(r):
@@ -223,7 +203,8 @@ def layernorm_backward(dout, cache, dw, db):
         return np.sum(dout[r] * xhat[r], axis=0), np.sum(dout[r], axis=0)   # this block's dw, db
     partial = for_row_blocks(rows, dout)
     np.sum([dw_r for dw_r, _ in partial], axis=0, out=dw)
-    np.sum([db_r for _, db_r in partial], axis=0, out=db)
+    if has_bias:
+        np.sum([db_r for _, db_r in partial], axis=0, out=db)
     return dx.reshape(dout_in.shape)
 
 
@@ -234,7 +215,7 @@ def gelu_forward(x):
 
     Twin: reference.gelu_forward."""
     shape = np.shape(x)
-    x = _entries(x)                                                   # (N, 4C)
+    x = as_entries(x)                                                   # (N, 4C)
     out, t = np.empty_like(x), np.empty_like(x)
 
     def rows(r):
@@ -249,9 +230,9 @@ def gelu_backward(dout, cache):
     """dout (..., 4C) -> dx (..., 4C), from the cached x and tanh. Twin: reference.gelu_backward."""
     x, t = cache
     if np.shape(dout) != np.shape(x):
-        raise _shape_error("dout", f"x's {np.shape(x)}", dout)
+        raise shape_error("dout", f"x's {np.shape(x)}", dout)
     shape = dout.shape
-    dout, x, t = _entries(dout), _entries(x), _entries(t)
+    dout, x, t = as_entries(dout), as_entries(x), as_entries(t)
     dx = np.empty_like(dout)
 
     def rows(r):
@@ -263,139 +244,8 @@ def gelu_backward(dout, cache):
     return dx.reshape(shape)
 
 
-# ---- causal multi-head self-attention ---------------------------------------------------------
+# ---- attention and cross-entropy, in softmax_layers.py -----------------------------------------
 
-def softmax_inplace(x):
-    """Overwrites x in place with its row softmax over the last axis, and returns it.
-
-    x (..., K); rows that are all -inf are not expected. Twin: reference.softmax_forward."""
-    if np.ndim(x) < 1:
-        raise _shape_error("x", "(..., K)", x)
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
-def attention_forward(qkv, n_heads, att_mask=None):
-    """qkv (..., T, 3C) -> y (..., T, C): softmax(q k^T / sqrt(hs) + causal) [dropout] @ v, per head.
-
-    att_mask is None or a scaled dropout mask of shape (..., NH, T, T) for the attention weights.
-    The leading axes are flattened into one batch axis B (the book's (B, T, 3C) stays as it is).
-    Twin: reference.attention_forward.
-    """
-    if np.ndim(qkv) < 2 or qkv.shape[-1] % (3 * n_heads):
-        raise _shape_error("qkv", f"(..., T, 3C) with C a multiple of n_heads={n_heads}", qkv)
-    *lead, T, C3 = qkv.shape
-    if att_mask is not None and np.shape(att_mask) != (*lead, n_heads, T, T):
-        raise _shape_error("att_mask", f"(..., NH, T, T) = {(*lead, n_heads, T, T)}", att_mask)
-    B, C = math.prod(lead), C3 // 3
-    hs = C // n_heads
-    q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)    # 3 x (B, NH, T, hs)
-    mask = None if att_mask is None else att_mask.reshape(B, n_heads, T, T)
-    att = np.empty((B, n_heads, T, T), qkv.dtype)
-    y = np.empty((B, T, n_heads, hs), qkv.dtype)                            # heads side by side
-    bias = causal_bias(T, qkv.dtype)
-
-    def head(i):                                                            # one head: b, h
-        b, h = divmod(i, n_heads)
-        a = np.matmul(q[b, h], k[b, h].T, out=att[b, h])                    # (T, T)
-        a *= 1.0 / math.sqrt(hs)
-        a += bias
-        softmax_inplace(a)
-        a_d = a if mask is None else a * mask[b, h]                         # dropout
-        np.matmul(a_d, v[b, h], out=y[b, :, h])                             # (T, hs)
-    parallel_map(head, range(B * n_heads))
-    q, k, v = (a.reshape(*lead, n_heads, T, hs) for a in (q, k, v))       # the twin's cache
-    return y.reshape(*lead, T, C), (q, k, v, att.reshape(*lead, n_heads, T, T), att_mask)
-
-
-def attention_backward(dy, cache):
-    """dy (..., T, C) -> dqkv (..., T, 3C). Twin: reference.attention_backward."""
-    q, k, v, att, att_mask = cache
-    *lead, NH, T, hs = q.shape
-    if np.shape(dy) != (*lead, T, NH * hs):
-        raise _shape_error("dy", f"(..., T, C) = {(*lead, T, NH * hs)}", dy)
-    B = math.prod(lead)                                                     # views, as in the forward
-    q, k, v = (a.reshape(B, NH, T, hs) for a in (q, k, v))
-    att = att.reshape(B, NH, T, T)
-    mask = None if att_mask is None else att_mask.reshape(B, NH, T, T)
-    dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)                     # (B, NH, T, hs)
-    dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                              # 3 x (B, NH, T, hs)
-
-    def head(i):
-        b, h = divmod(i, NH)
-        a = att[b, h]
-        a_d = a if mask is None else a * mask[b, h]
-        np.matmul(a_d.T, dy[b, h], out=dv[b, h])                            # y = att_d @ v
-        datt = dy[b, h] @ v[b, h].T                                         # (T, T)
-        if mask is not None:
-            datt *= mask[b, h]
-        # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
-        datt -= np.sum(a * datt, axis=-1, keepdims=True)
-        datt *= a
-        datt *= 1.0 / math.sqrt(hs)                                         # att_pre = q k^T / sqrt(hs)
-        np.matmul(datt, k[b, h], out=dq[b, h])
-        np.matmul(datt.T, q[b, h], out=dk[b, h])
-    parallel_map(head, range(B * NH))
-    return dqkv.reshape(*lead, T, 3 * NH * hs)
-
-
-# ---- softmax cross-entropy -------------------------------------------------------------------
-
-def cross_entropy_forward(logits, targets):
-    """Overwrites logits in place with softmax(logits), the cache: pass a copy to keep yours.
-
-    logits (..., V), targets (...) int -> (mean over positions of -log softmax(logits)[target],
-    cache). In place because the (N, V) logits, over GPT-2's 50,257 tokens, are the largest
-    activation, and the model's own: no copy is made. Twin: reference.cross_entropy_forward.
-    """
-    loss = _softmax_cross_entropy(logits, targets, keep_probs=True)
-    return loss, (logits, targets)                    # logits now hold the probabilities
-
-
-def cross_entropy_loss(logits, targets):
-    """Overwrites logits in place with exp(logits - max): pass a copy to keep yours. -> the loss.
-
-    cross_entropy_forward's loss without its cache, for evaluation: logits (..., V), targets (...).
-    Twin: reference.cross_entropy_forward (its loss)."""
-    return _softmax_cross_entropy(logits, targets, keep_probs=False)
-
-
-def _softmax_cross_entropy(logits, targets, keep_probs):
-    """Mean cross-entropy; overwrites logits with exp(logits - max), normalised when keep_probs."""
-    if np.ndim(logits) >= 1 and np.shape(targets) != logits.shape[:-1]:
-        raise _shape_error("targets", f"logits' leading shape {logits.shape[:-1]}", targets)
-    logits = _rows_in_place(logits, "logits", "(..., V)")              # (N, V)
-    targets = np.reshape(targets, -1)                                  # (N,): a view
-    losses = np.empty(len(logits), np.float64)        # (N,)
-
-    def rows(r):
-        z = logits[r]
-        z -= z.max(axis=-1, keepdims=True)            # shift for stability
-        target_logit = z[np.arange(len(z)), targets[r]]
-        total = np.exp(z, out=z).sum(axis=-1)
-        losses[r] = np.log(total) - target_logit      # -log(exp(z_target) / total)
-        if keep_probs:
-            z /= total[:, None]
-    for_row_blocks(rows, logits)
-    return float(np.mean(losses))
-
-
-def cross_entropy_backward(cache):
-    """Overwrites the cached probabilities in place with dlogits (..., V) = (softmax - onehot) / N,
-    and returns them. N is the number of positions. Twin: reference.cross_entropy_backward."""
-    probs_in, targets = cache
-    if np.ndim(probs_in) >= 1 and np.shape(targets) != probs_in.shape[:-1]:
-        raise _shape_error("targets", f"the probabilities' leading shape {probs_in.shape[:-1]}", targets)
-    probs = _rows_in_place(probs_in, "probs", "(..., V)")              # (N, V)
-    targets = np.reshape(targets, -1)
-    N = probs.shape[0]
-
-    def rows(r):
-        p = probs[r]
-        p[np.arange(len(p)), targets[r]] -= 1.0
-        p *= 1.0 / N
-    for_row_blocks(rows, probs)
-    return probs_in
+from .softmax_layers import (attention_backward, attention_forward, causal_bias,  # noqa: E402,F401
+                             cross_entropy_backward, cross_entropy_forward, cross_entropy_loss,
+                             softmax_inplace)

@@ -1,10 +1,12 @@
-"""GPT-2 in NumPy: the forward pass through its layers, and its backward in reverse order.
+"""GPT-2 in NumPy, the model behind build_model(backend="numpy"): two forms of one network.
 
-The layers are reference.py's (the textbook form, kernels="reference") or layers.py's (the same
-math made fast, kernels="fast", the default), through kernels.py's one calling convention.
+kernels="reference" runs gpt2.py (GPT-2's forward and backward written with reference.py's
+layers, the form a reader follows); its gradients come back as a dict of new arrays.
+kernels="fast" (the default) runs the same network on layers.py, below: the layers' backwards
+write the gradients straight into one flat buffer with a named view per tensor (llm.c's layout),
+and AdamW and clipping then work on whole buffers. tests/test_reference.py proves the two equal.
 
-Parameters live in one flat array with a named view per tensor (llm.c's layout), and so do
-their gradients: AdamW and gradient clipping then work on whole buffers. Shapes as in
+The parameters live in one flat array with a named view per tensor in both forms. Shapes as in
 layers.py: B batch, T time, C channels, NH heads, V vocabulary, N = B * T.
 """
 from __future__ import annotations
@@ -19,10 +21,14 @@ from ..config import GPTConfig, check_token_ids
 from ..memory import keep_freed_memory
 from ..params import check_params, param_shapes
 from ..sampling import KVCache
-from . import kernels as K
+from . import gpt2
+from . import layers as L
 from . import reference as R
 from .generate import forward_cached, sampler
 from .threads import one_blas_thread, parallel_map
+
+
+KERNELS = ("fast", "reference")
 
 
 def on_the_pool(method):
@@ -54,7 +60,8 @@ class NumpyGPT(Backend):
     it in again). The work runs on npgpt's thread pool, one thread per CPU (threads.py;
     threads.set_num_threads or $NPGPT_NUM_THREADS; results do not depend on it), and while the
     model computes, NumPy's BLAS runs one thread per call (on_the_pool). With kernels="reference"
-    the model runs reference.py: whole arrays, no pool, BLAS with its own threads.
+    the model runs gpt2.py on reference.py's layers: whole arrays, no pool, BLAS with its own
+    threads, and self.g is the dict of gradients gpt2_backward returned.
     """
 
     backend = "numpy"
@@ -63,13 +70,13 @@ class NumpyGPT(Backend):
                  seed: int = 123, kernels: str = "fast", grad_accum: int = 1):
         """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
         that then writes each tensor straight into param_views(). kernels: "fast" (layers.py) or
-        "reference" (reference.py: forward, backward, clipping and AdamW; see the kernels property).
-        grad_accum: a training batch runs as this many micro-batches (batch_gradients)."""
+        "reference" (gpt2.py's forward and backward, reference.py's clipping and AdamW; see the
+        kernels property). grad_accum: a training batch runs as this many micro-batches
+        (batch_gradients)."""
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         self.grad_accum = grad_accum
         keep_freed_memory()
-        self.kernels = kernels
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -79,7 +86,7 @@ class NumpyGPT(Backend):
         self.flat_params = np.zeros(n, self.dtype)
         self.flat_grads = np.zeros(n, self.dtype)
         self.p = flat_views(self.flat_params, self.shapes)
-        self.g = flat_views(self.flat_grads, self.shapes)
+        self.kernels = kernels      # sets self.g
         if params is not None:
             self.load_params(params)
         self.training = True
@@ -94,8 +101,12 @@ class NumpyGPT(Backend):
 
     @kernels.setter
     def kernels(self, name: str) -> None:
-        self.L = K.get(name)        # the layer functions forward and forward_backward call
+        if name not in KERNELS:
+            raise ValueError(f"unknown kernels {name!r}; expected one of {KERNELS}")
         self._kernels = name
+        # the fast form writes into the flat buffer's views; the reference form's backward
+        # returns a dict of new arrays, which replaces this one (zeros until the first backward)
+        self.g = flat_views(self.flat_grads, self.shapes)
 
     # ---- the interface shared with the torch backend ----
 
@@ -130,7 +141,7 @@ class NumpyGPT(Backend):
 
     def loss_and_grads(self, inputs, targets):
         loss = self.batch_gradients(inputs, targets)
-        return loss, {name: g.copy() for name, g in self.g.items()}
+        return loss, {name: self.g[name].copy() for name in self.shapes}
 
     def batch_gradients(self, inputs, targets) -> float:
         """The batch's mean loss and its gradients in self.g, the batch run as grad_accum equal
@@ -142,11 +153,15 @@ class NumpyGPT(Backend):
         inputs, targets = np.asarray(inputs), np.asarray(targets)
         if len(inputs) % k or len(targets) != len(inputs):
             raise ValueError(f"batch of {len(inputs)} sequences does not split into grad_accum={k} equal parts")
-        total, summed = 0.0, np.zeros_like(self.flat_grads)     # forward_backward overwrites self.g
+        # each forward_backward replaces self.g: the fast form's views into flat_grads, the
+        # reference form's new dict; the sum is written back into the last part's arrays
+        total, summed = 0.0, {name: np.zeros_like(g) for name, g in self.g.items()}
         for x, y in zip(np.split(inputs, k), np.split(targets, k)):
             total += self.forward_backward(x, y)
-            summed += self.flat_grads
-        np.multiply(summed, self.dtype.type(1.0 / k), out=self.flat_grads)
+            for name, g in summed.items():
+                g += self.g[name]
+        for name, g in summed.items():
+            np.multiply(g, self.dtype.type(1.0 / k), out=self.g[name])
         return total / k
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -154,9 +169,7 @@ class NumpyGPT(Backend):
         The squares are summed in float64, a block at a time: a float32 dot over GPT-2's 124M
         gradients is off by up to 6e-4 (relative), and the accumulated error grows with the size."""
         if self.kernels == "reference":
-            clipped, norm = R.clip_grad_norm(self.g, max_norm)
-            for name, g in clipped.items():
-                self.g[name][...] = g
+            self.g, norm = R.clip_grad_norm(self.g, max_norm)
             return norm
         g, block, squares = self.flat_grads, 1 << 16, 0.0
         for start in range(0, g.size, block):
@@ -173,7 +186,10 @@ class NumpyGPT(Backend):
         shared out over the cores, the blocks' sums of squares added in order in float64 (the same
         bits for any number of threads). In float32 each block is squared and summed (pairwise) in
         float32: within about 1e-8 (relative) of clip_grad_norm's, which widens each block to
-        float64 first and so costs 2.5x more (in float64 the two are the same sum)."""
+        float64 first and so costs 2.5x more (in float64 the two are the same sum). With the
+        reference kernels: the same sum over the dict of gradients, tensor by tensor."""
+        if self.kernels == "reference":
+            return float(np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in self.g.values())))
         g, block = self.flat_grads, 1 << 16
         wide = g.dtype == np.float64
 
@@ -220,19 +236,33 @@ class NumpyGPT(Backend):
                 raise ValueError(f"dropout mask {name}: expected shape {shape}, got {keep.shape}")
             mask = keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
         else:
-            mask = self.L.dropout_mask(self.rng, shape, p, self.dtype)
+            draw = L.dropout_mask if self.kernels == "fast" else R.dropout_mask   # the same numbers
+            mask = draw(self.rng, shape, p, self.dtype)
         return mask if as_shape is None else mask.reshape(as_shape)
 
-    @on_the_pool            # the pool shares out products and elementwise work alike (threads.py)
-    def forward(self, idx, targets=None, for_backward=True):
-        """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches).
-        for_backward=False (evaluation) keeps no layer's cache: each is freed as the next runs."""
-        cfg, p, L = self.cfg, self.p, self.L
+    def check_batch(self, idx, targets):
+        cfg = self.cfg
         idx = check_token_ids(idx, cfg.vocab_size, "inputs", cfg.context_length)
         if targets is not None:
             targets = check_token_ids(targets, cfg.vocab_size, "targets", cfg.context_length)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets: shape {targets.shape} does not match the inputs' {idx.shape}")
+        return idx, targets
+
+    def masks(self, name, shape):
+        """gpt2.py's mask(name, shape): this model's dropout mask for that activation, or None."""
+        return self._mask(name, shape, self.cfg.drop_rate)
+
+    @on_the_pool            # the pool shares out products and elementwise work alike (threads.py)
+    def forward(self, idx, targets=None, for_backward=True):
+        """idx (B, T) -> (logits (B, T, V), caches); with targets -> (mean loss, caches).
+        for_backward=False (evaluation) keeps no layer's cache: each is freed as the next runs
+        (the fast form; the reference form keeps them, as gpt2.py's forward always does)."""
+        idx, targets = self.check_batch(idx, targets)
+        if self.kernels == "reference":
+            logits, loss, cache = gpt2.gpt2_forward(self.p, self.cfg, idx, targets, self.masks)
+            return (logits, cache) if targets is None else (loss, cache)
+        cfg, p = self.cfg, self.p
         B, T = idx.shape
         C, NH, N, drop = cfg.emb_dim, cfg.n_heads, B * T, cfg.drop_rate
         x, emb_cache = L.embedding_forward(idx, p["wte"], p["wpe"])            # (B, T, C)
@@ -243,24 +273,24 @@ class NumpyGPT(Backend):
             h = f"h.{i}."
             c = {}
             # x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
-            a, c["ln_1"] = L.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            a, c["ln_1"] = L.layernorm_forward(x, p[h + "ln_1.weight"], p.get(h + "ln_1.bias"))
             a, c["c_attn"] = L.linear_forward(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
             a, c["attn"] = L.attention_forward(a.reshape(B, T, 3 * C), NH,
                                                self._mask(h + "attn", (B, NH, T, T), drop))
             a, c["attn.c_proj"] = L.linear_forward(a.reshape(N, C), p[h + "attn.c_proj.weight"],
-                                                   p[h + "attn.c_proj.bias"])
+                                                   p.get(h + "attn.c_proj.bias"))
             a, c["drop_1"] = L.dropout_forward(a, self._mask(h + "resid_1", (B, T, C), drop, (N, C)))
             x = x + a                                                           # (N, C)
             # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
-            m, c["ln_2"] = L.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-            m, c["c_fc"] = L.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])   # (N, 4C)
+            m, c["ln_2"] = L.layernorm_forward(x, p[h + "ln_2.weight"], p.get(h + "ln_2.bias"))
+            m, c["c_fc"] = L.linear_forward(m, p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"))   # (N, 4C)
             m, c["gelu"] = L.gelu_forward(m)
-            m, c["mlp.c_proj"] = L.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+            m, c["mlp.c_proj"] = L.linear_forward(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))
             m, c["drop_2"] = L.dropout_forward(m, self._mask(h + "resid_2", (B, T, C), drop, (N, C)))
             x = x + m
             if for_backward:
                 blocks.append(c)
-        x, lnf_cache = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        x, lnf_cache = L.layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"))
         logits, head_cache = L.linear_forward(x, self.head_weight())           # (N, V)
         caches = (idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache)
         if targets is None:
@@ -275,31 +305,35 @@ class NumpyGPT(Backend):
 
     @on_the_pool
     def forward_backward(self, inputs, targets) -> float:
-        """Mean cross-entropy of one batch; fills self.g with its gradients."""
-        loss, (idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache) = self.forward(inputs, targets)
+        """Mean cross-entropy of one batch; its gradients go to self.g (reference: a new dict from
+        gpt2.gpt2_backward; fast: written into the flat buffer's views, in reverse layer order)."""
+        loss, caches = self.forward(inputs, targets)
+        if self.kernels == "reference":
+            self.g = gpt2.gpt2_backward(caches)
+            return loss
+        idx, emb_cache, drop_cache, blocks, lnf_cache, head_cache, ce_cache = caches
         B, T = idx.shape
-        C, N, g, L = self.cfg.emb_dim, B * T, self.g, self.L
+        C, N, g = self.cfg.emb_dim, B * T, self.g
         dlogits = L.cross_entropy_backward(ce_cache)                            # (N, V)
         tied = self.cfg.tie_weights
         dx = L.linear_backward(dlogits, head_cache, g["wte"] if tied else g["lm_head.weight"])
         if not tied:
             g["wte"][...] = 0                       # embedding_backward adds into it
-        dx = L.layernorm_backward(dx, lnf_cache, g["ln_f.weight"], g["ln_f.bias"])     # (N, C)
+        dx = L.layernorm_backward(dx, lnf_cache, g["ln_f.weight"], g.get("ln_f.bias"))     # (N, C)
         for i in reversed(range(self.cfg.n_layers)):
             h, c = f"h.{i}.", blocks[i]
             # x = x + dropout(c_proj(gelu(c_fc(ln_2(x))))): the residual passes dx through unchanged
             dm = L.dropout_backward(dx, c["drop_2"])
-            dm = L.linear_backward(dm, c["mlp.c_proj"], g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
+            dm = L.linear_backward(dm, c["mlp.c_proj"], g[h + "mlp.c_proj.weight"], g.get(h + "mlp.c_proj.bias"))
             dm = L.gelu_backward(dm, c["gelu"])
-            dm = L.linear_backward(dm, c["c_fc"], g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
-            dx = dx + L.layernorm_backward(dm, c["ln_2"], g[h + "ln_2.weight"], g[h + "ln_2.bias"])
+            dm = L.linear_backward(dm, c["c_fc"], g[h + "mlp.c_fc.weight"], g.get(h + "mlp.c_fc.bias"))
+            dx = dx + L.layernorm_backward(dm, c["ln_2"], g[h + "ln_2.weight"], g.get(h + "ln_2.bias"))
             # x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
             da = L.dropout_backward(dx, c["drop_1"])
-            da = L.linear_backward(da, c["attn.c_proj"], g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
+            da = L.linear_backward(da, c["attn.c_proj"], g[h + "attn.c_proj.weight"], g.get(h + "attn.c_proj.bias"))
             da = L.attention_backward(da.reshape(B, T, C), c["attn"]).reshape(N, 3 * C)
             da = L.linear_backward(da, c["c_attn"], g[h + "attn.c_attn.weight"], g.get(h + "attn.c_attn.bias"))
-            dx = dx + L.layernorm_backward(da, c["ln_1"], g[h + "ln_1.weight"], g[h + "ln_1.bias"])
+            dx = dx + L.layernorm_backward(da, c["ln_1"], g[h + "ln_1.weight"], g.get(h + "ln_1.bias"))
         dx = L.dropout_backward(dx.reshape(B, T, C), drop_cache)
         L.embedding_backward(dx, emb_cache, g["wte"], g["wpe"])
         return loss
-

@@ -7,16 +7,24 @@ written on whole arrays, one idea per line: no threads, no blocks, no `out=`, no
 place, no argument modified. Each backward's docstring derives it, from the forward's equation to
 the code. layers.py is the same math made fast (blocks of rows that stay in the cache, every core
 busy, gradients written straight into the model's buffer); tests/test_numpy_kernels.py proves
-each fast function equal to its twin here, and build_model(cfg, kernels="reference") trains a
-whole model on this file, so that `npgpt gradcheck --kernels reference` checks an edit to it.
+each fast function equal to its twin here. gpt2.py, read next, is GPT-2's whole forward and
+backward written with this file's functions; build_model(cfg, kernels="reference") trains on it,
+so that `npgpt gradcheck --kernels reference` checks an edit to this file.
 
 Shapes: B batch, T time (tokens), C channels (emb_dim), NH heads, hs head size (C // NH),
 V vocabulary; `...` is any number of leading axes (the book's (B, T, C), or N = B * T rows).
 Weights are in PyTorch's (out, in) layout: a linear layer is x @ w.T + b.
 
+Notation. A gradient is always of the loss L: d<name> means dL/d(name), an array of name's shape
+(dx is dL/dx, dout is dL/dout). A derivative of one tensor with respect to another, a *local*
+derivative, is written with the partial sign and both names: ∂y_i/∂x_j, never dy. delta_ij
+is 1 when i == j and 0 otherwise (the entries of an identity matrix); [cond] is 1 when cond holds
+and 0 otherwise; sum_i and mean_i run over the index named, a row's C (or K, V) entries.
+
 The chain rule, in the form every backward uses: if y = f(x) and the loss L depends on x only
-through y, then dL/dx_j = sum_i dL/dy_i * dy_i/dx_j. A backward gets dout = dL/dout and returns
-dL/d(input). Gradients are named d<name>: dx is dL/dx.
+through y, then dL/dx_j = sum_i dL/dy_i * ∂y_i/∂x_j. A backward gets dout = dL/dout and returns
+dL/d(input), then dL/d(each parameter). It all starts at the loss, where dL/dL = 1: that is why
+cross_entropy_backward, the first backward to run, takes no dout.
 
 Where torch's optimizer.zero_grad() went: autograd adds every new gradient into .grad, so the book
 clears it before each backward. Here a backward returns new arrays and the model stores them, so
@@ -82,7 +90,7 @@ def dropout_forward(x, mask):
 
 
 def dropout_backward(dout, cache):
-    """out = x * mask, entry by entry: dout/dx = mask, so dx = dout * mask. A dropped entry (mask 0)
+    """out = x * mask, entry by entry: ∂out/∂x = mask, so dx = dout * mask. A dropped entry (mask 0)
     passes no gradient, a kept one passes it scaled by 1 / (1 - p), as the forward scaled the value."""
     mask = cache
     if mask is None:
@@ -105,7 +113,7 @@ def linear_backward(dy, cache):
 
     With the rows of x and y numbered n (all leading axes flattened):
         y[n, o] = sum_i x[n, i] * w[o, i] + b[o]
-    so dy[n, o]/dx[n, i] = w[o, i], dy[n, o]/dw[o, i] = x[n, i], dy[n, o]/db[o] = 1, and
+    so ∂y[n, o]/∂x[n, i] = w[o, i], ∂y[n, o]/∂w[o, i] = x[n, i], ∂y[n, o]/∂b[o] = 1, and
         dx[n, i] = sum_o dy[n, o] * w[o, i]    dx = dy @ w           (a product with w, not w.T)
         dw[o, i] = sum_n dy[n, o] * x[n, i]    dw = dy.T @ x         (every row used the same w)
         db[o]    = sum_n dy[n, o]              db = dy summed over rows
@@ -122,15 +130,17 @@ def linear_backward(dy, cache):
 
 # ---- LayerNorm -------------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b):
-    """x (..., C), w (C,), b (C,) -> y (..., C) = (x - mean) / sqrt(var + eps) * w + b, over C"""
+def layernorm_forward(x, w, b=None):
+    """x (..., C), w (C,), b (C,) or None -> y (..., C) = (x - mean) / sqrt(var + eps) * w + b, over C"""
     mean = x.mean(axis=-1, keepdims=True)             # (..., 1)
     xc = x - mean                                     # centred
     var = (xc * xc).mean(axis=-1, keepdims=True)      # (..., 1), the biased variance (divides by C)
     rstd = 1.0 / np.sqrt(var + LN_EPS)                # (..., 1), the reciprocal standard deviation
     xhat = xc * rstd                                  # (..., C): mean 0, variance 1 per row
-    y = xhat * w + b
-    return y, (xhat, rstd, w)
+    y = xhat * w
+    if b is not None:
+        y = y + b
+    return y, (xhat, rstd, w, b is not None)
 
 
 def layernorm_backward(dy, cache):
@@ -141,25 +151,32 @@ def layernorm_backward(dy, cache):
     The normalisation, one row of C entries: xhat_i = (x_i - mean) * rstd, where
         mean = (1/C) sum_k x_k,   var = (1/C) sum_k (x_k - mean)^2,   rstd = (var + eps)^(-1/2).
     Every x_j moves the mean and the variance, so every xhat_i depends on every x_j:
-        d mean / d x_j = 1/C
-        d var / d x_j  = (2/C) sum_k (x_k - mean) (delta_kj - 1/C) = (2/C) (x_j - mean)
-                         (the sum of (x_k - mean) over k is 0)
-        d rstd / d x_j = -(1/2) (var + eps)^(-3/2) * (2/C) (x_j - mean) = -rstd^2 xhat_j / C
-        d xhat_i / d x_j = rstd (delta_ij - 1/C) + (x_i - mean) * d rstd / d x_j
-                         = rstd (delta_ij - 1/C - xhat_i xhat_j / C)
-    Then dx_j = sum_i dxhat_i d xhat_i / d x_j has three terms:
+        ∂mean/∂x_j = 1/C
+        ∂var/∂x_j  = (2/C) sum_k (x_k - mean) (delta_kj - 1/C) = (2/C) (x_j - mean)
+                     (the sum of (x_k - mean) over k is 0)
+        ∂rstd/∂x_j = -(1/2) (var + eps)^(-3/2) * ∂var/∂x_j
+                   = -(1/2) rstd^3 * (2/C) (x_j - mean)        ((var + eps)^(-3/2) = rstd^3)
+                   = -rstd^2 xhat_j / C                        (rstd (x_j - mean) = xhat_j)
+        ∂xhat_i/∂x_j = rstd (delta_ij - 1/C) + (x_i - mean) * ∂rstd/∂x_j
+                     = rstd (delta_ij - 1/C - xhat_i xhat_j / C)
+    Then dx_j = sum_i dxhat_i * ∂xhat_i/∂x_j, and each of the three terms in the bracket gives
+    one sum over i:
+        sum_i dxhat_i rstd delta_ij         = rstd dxhat_j                     (only i = j is left)
+        sum_i dxhat_i rstd (1/C)            = rstd mean_i(dxhat_i)
+        sum_i dxhat_i rstd xhat_i xhat_j / C = rstd xhat_j mean_i(dxhat_i * xhat_i)
+    so
         dx_j = rstd * (dxhat_j  -  mean_i(dxhat_i)  -  xhat_j * mean_i(dxhat_i * xhat_i))
-    the direct path, the path through the mean, and the path through the variance.
-    (llm.c's doc/layernorm derives the same expression.)
+    the direct path, the path through the mean, and the path through the variance. (llm.c's
+    doc/layernorm states this result and checks it against torch; it does not derive it.)
     """
-    xhat, rstd, w = cache
+    xhat, rstd, w, has_bias = cache
     C = dy.shape[-1]
     dxhat = dy * w
     mean_term = dxhat.mean(axis=-1, keepdims=True)                  # (..., 1): through the mean
     var_term = xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)   # (..., C): through the variance
     dx = (dxhat - mean_term - var_term) * rstd
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)                     # (C,)
-    db = dy.reshape(-1, C).sum(axis=0)                              # (C,)
+    db = dy.reshape(-1, C).sum(axis=0) if has_bias else None       # (C,)
     return dx, dw, db
 
 
@@ -176,15 +193,16 @@ def gelu_backward(dy, cache):
     """dy (...) -> dx (...)
 
     y = 0.5 x (1 + t) with t = tanh(u), u = k (x + 0.044715 x^3), k = sqrt(2/pi). By the product rule,
-        dy/dx = 0.5 (1 + t) + 0.5 x dt/dx
-    and with tanh'(u) = 1 - tanh(u)^2 and du/dx = k (1 + 3 * 0.044715 x^2),
-        dt/dx = (1 - t^2) * k (1 + 3 * 0.044715 x^2).
+        ∂y/∂x = 0.5 (1 + t) + 0.5 x ∂t/∂x
+    and with tanh'(u) = 1 - tanh(u)^2 and ∂u/∂x = k (1 + 3 * 0.044715 x^2),
+        ∂t/∂x = (1 - t^2) * k (1 + 3 * 0.044715 x^2),
+    entry by entry, so dx = dy * ∂y/∂x.
     The forward kept t, so no tanh is recomputed.
     """
     x, t = cache
     du_dx = GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
-    return dy * dgelu
+    dy_dx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx     # the local derivative ∂y/∂x
+    return dy * dy_dx
 
 
 # ---- softmax ---------------------------------------------------------------------------------
@@ -204,7 +222,7 @@ def softmax_backward(dp, cache):
     """dp (..., K) -> dz (..., K) = p * (dp - sum(p * dp)) over the last axis
 
     p_i = exp(z_i) / S with S = sum_k exp(z_k). Its Jacobian, by the quotient rule:
-        d p_i / d z_j = (delta_ij exp(z_i) S - exp(z_i) exp(z_j)) / S^2 = p_i (delta_ij - p_j)
+        ∂p_i/∂z_j = (delta_ij exp(z_i) S - exp(z_i) exp(z_j)) / S^2 = p_i (delta_ij - p_j)
     a K x K matrix per row, diag(p) - p p^T. Applied to dp it collapses to a vector expression:
         dz_j = sum_i dp_i p_i (delta_ij - p_j) = p_j dp_j - p_j sum_i p_i dp_i
              = p_j (dp_j - sum_i p_i dp_i)
@@ -245,12 +263,19 @@ def attention_backward(dy, cache):
     """dy (..., T, C) -> dqkv (..., T, 3C)
 
     The forward, backwards, one line at a time (per head; @ is a matrix product, as in linear):
+        y = heads side by side     dy to (..., NH, T, hs): the reshape and moveaxis, undone
         y = att_d @ v              dv = att_d^T @ dy,   datt_d = dy @ v^T
         att_d = att * mask         datt = datt_d * mask                        (dropout)
         att = softmax(scores)      dscores = att * (datt - sum(att * datt))    (softmax_backward)
-        scores = q k^T * scale     dq = dscores @ k * scale,   dk = dscores^T @ q * scale
-    with scale = 1 / sqrt(hs). The causal bias is a constant: no gradient of its own, and since the
-    masked weights are 0, softmax_backward gives their scores no gradient either.
+        scores = (q k^T) * scale   dqk = dscores * scale   (the product's gradient, before the scale)
+        qk = q k^T                 dq = dqk @ k,   dk = dqk^T @ q
+        q, k, v = heads(qkv)       dqkv: dq, dk, dv moved back to (..., T, NH, hs), side by side
+    with scale = 1 / sqrt(hs). The code keeps one name for the last three lines' gradient: its
+    `dscores` is dqk, the softmax's gradient already multiplied by the scale, so both products use
+    it as it is. The causal bias is a constant: no gradient of its own, and since the masked
+    weights are 0, softmax_backward gives their scores no gradient either. The split of qkv into
+    q, k and v and the split into heads are a reshape and a moveaxis: they move numbers and change
+    none, so their backward moves the gradients back (np.stack, then the inverse moveaxis).
     """
     q, k, v, att, att_mask = cache
     *lead, NH, T, hs = q.shape
@@ -259,7 +284,7 @@ def attention_backward(dy, cache):
     dv = att_d.swapaxes(-1, -2) @ dy                                # (..., NH, T, hs)
     datt_d = dy @ v.swapaxes(-1, -2)                                # (..., NH, T, T)
     datt = dropout_backward(datt_d, att_mask)
-    dscores = softmax_backward(datt, att) * (1.0 / math.sqrt(hs))
+    dscores = softmax_backward(datt, att) * (1.0 / math.sqrt(hs))  # dqk above: the scale folded in
     dq = dscores @ k                                                # (..., NH, T, hs)
     dk = dscores.swapaxes(-1, -2) @ q
     dheads = np.moveaxis(np.stack([dq, dk, dv]), (0, -3), (-3, -2))  # (..., T, 3, NH, hs)
@@ -274,12 +299,13 @@ def residual_forward(x, fx):
 
 
 def residual_backward(dout, cache):
-    """out = x + fx: d out / d x = 1 and d out / d fx = 1, so both get dout unchanged.
+    """dout (..., C) -> (dx, dfx), both dout: out = x + fx, so ∂out/∂x = 1 and ∂out/∂fx = 1.
 
-    The x path then also receives the gradient that flows back through f, and the two add:
-    dx_total = dout + (what f's backward gives for dout). model.py writes this as
-    `dx = dx + layernorm_backward(...)`: the gradient passes every block unchanged, plus each
-    block's contribution, which is why deep residual networks train."""
+    x is also f's input, so x receives a second gradient, the one that flows back through f, and
+    the two add: dx_total = dout + (what f's backward gives for dfx). gpt2.py's block_backward
+    writes exactly that: `dx, dm = residual_backward(dx, None)`, then dm back through the MLP to
+    its input, then `dx = dx + dm`. The gradient passes every block unchanged, plus each block's
+    contribution, which is why deep residual networks train."""
     return dout, dout
 
 
@@ -304,8 +330,9 @@ def cross_entropy_forward(logits, targets):
 def cross_entropy_backward(cache):
     """-> dlogits (..., V) = (softmax(logits) - onehot(target)) / N, N the number of positions
 
+    No dout: the loss is the end of the forward, and the gradient that arrives at it is dL/dL = 1.
     One position's loss is l = log(sum_k exp(z_k)) - z_t, t its target. Then
-        dl / dz_j = exp(z_j) / sum_k exp(z_k) - [j == t] = p_j - onehot_j
+        ∂l/∂z_j = exp(z_j) / sum_k exp(z_k) - [j == t] = p_j - onehot_j
     The mean over N positions gives each position's gradient the factor 1 / N. (The softmax's
     Jacobian and the log's derivative cancel into this simple form: one reason softmax and
     cross-entropy are computed together.)
@@ -322,13 +349,19 @@ def cross_entropy_backward(cache):
 def adamw_update(p, g, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
     """One AdamW step on one tensor -> the new (p, m, v). t counts the steps from 1.
 
-    As in Loshchilov & Hutter's paper and torch.optim.AdamW's documentation:
+    torch.optim.AdamW's form (llm.c's too): the decay is scaled by the learning rate.
         p = p - lr * weight_decay * p            decoupled weight decay: not added to the gradient
         m = b1 * m + (1 - b1) * g                running mean of the gradient
         v = b2 * v + (1 - b2) * g^2              running mean of its square
         m_hat = m / (1 - b1^t)                   m and v start at 0: these undo the bias toward 0
         v_hat = v / (1 - b2^t)
         p = p - lr * m_hat / (sqrt(v_hat) + eps)
+    Loshchilov & Hutter's paper (Algorithm 2) decouples the decay the same way but scales it by the
+    schedule multiplier eta_t, not by the learning rate alpha:
+        p = p - eta_t * (alpha * m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
+    so the paper's weight_decay is a fraction of p per step (times the schedule), torch's a fraction
+    per unit of lr: the book's weight_decay=0.1 at lr=4e-4 multiplies p by 1 - 4e-5 each step. With
+    lr = eta_t * alpha the two are the same update when torch's weight_decay is the paper's / alpha.
     """
     b1, b2 = betas
     p = p - lr * weight_decay * p
