@@ -18,8 +18,12 @@ torch backend receives one tensor at a time and copies it to its device.
 
 Nothing read is trusted: each tensor's crc32 covers its data, and the root's checksum (version 2)
 covers everything else (every attribute, every dataset's name, shape and dtype, the train_state
-lists), so a damaged file is refused, never loaded with other values. Every failure to read a
-file is a ValueError (CheckpointError) that names it; a missing file a FileNotFoundError.
+lists), so a damaged file is refused, never loaded with other values. What a checksum cannot
+cover, data from outside the file, is refused before anything is read: links (soft, external),
+datasets stored in other files (external storage, virtual datasets), and chunked or filtered
+datasets, none of which npgpt writes; each dataset must hold the bytes it declares, all of them
+within the file's size. Every failure to read a file is a ValueError (CheckpointError) that
+names it; a missing file a FileNotFoundError.
 
 Files of versions 1 and 2 load: their optimizer's decay_all=True reads as decay "all", False (which
 exempted the embeddings too) as "matrices"; they saved the schedule's peak only (peak_lr), which is
@@ -29,6 +33,7 @@ keywords) anew.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +42,7 @@ import h5py
 import numpy as np
 
 from ..config import GPTConfig
-from ..files import atomic_write
+from ..files import atomic_write, check_regular, parse_json
 from ..params import DECAY_GROUPS, check_params, param_shapes
 from ..run_state import Schedule, TrainState
 from .lazy import LazyParam
@@ -172,13 +177,48 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
     return atomic_write(path, write)
 
 
+def _check_layout(f: h5py.File, path: Path, file_bytes: int) -> None:
+    """Refuse, before any data is read, what npgpt never writes and its checksums would not cover:
+    any link but a hard one (a soft link, an external link to another file), a dataset whose data
+    lies elsewhere (external storage, a virtual dataset), chunked, filtered or variable-length
+    data; and a dataset that declares more bytes than it stores, or more in all than the file holds."""
+    links = []
+    f.visititems_links(lambda name, link: None if isinstance(link, h5py.HardLink)
+                       else links.append((name, type(link).__name__)))
+    if links:
+        raise CheckpointError(f"{path}: /{links[0][0]} is a {links[0][1]}; npgpt's checkpoints hold no links, "
+                              "and the checksum does not cover what one points to")
+    datasets = []
+    f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    total = 0
+    for name, ds in datasets:
+        dcpl = ds.id.get_create_plist()
+        if ds.is_virtual or dcpl.get_external_count():
+            raise CheckpointError(f"{path}: /{name} keeps its data in other files (a virtual dataset or external "
+                                  "storage); npgpt's checkpoints hold all their data")
+        if dcpl.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT) or dcpl.get_nfilters():
+            raise CheckpointError(f"{path}: /{name} is chunked or compressed; npgpt writes plain contiguous "
+                                  "datasets and reads only those")
+        if ds.dtype.kind not in "biuf":
+            raise CheckpointError(f"{path}: /{name} holds {ds.dtype}; npgpt's datasets hold numbers")
+        stored, declared = ds.id.get_storage_size(), math.prod(ds.shape or ()) * ds.dtype.itemsize
+        if stored < declared:
+            raise CheckpointError(f"{path}: /{name} of shape {ds.shape} declares {declared:,} bytes and stores "
+                                  f"{stored:,}; the checkpoint is damaged or crafted")
+        total += stored
+    if total > file_bytes:
+        raise CheckpointError(f"{path}: its datasets claim {total:,} bytes, more than the file's {file_bytes:,}; "
+                              "the checkpoint is damaged or crafted")
+
+
 @contextmanager
 def open_checkpoint(path):
     """The checkpoint's contents, validated, with every tensor still in the file (a LazyParam,
     which fills an array when asked): read them inside the with block."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    file_bytes = check_regular(path, "an npgpt .h5 checkpoint")        # is_hdf5 would block on a FIFO
     if not h5py.is_hdf5(path):
         raise CheckpointError(f"{path}: not an HDF5 file (empty, truncated or another format); "
                               "expected an npgpt .h5 checkpoint")
@@ -188,6 +228,7 @@ def open_checkpoint(path):
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     with f:
         try:
+            _check_layout(f, path, file_bytes)
             out = _contents(f, path)
         except CheckpointError:
             raise
@@ -211,8 +252,8 @@ def _contents(f: h5py.File, path: Path) -> dict:
         raise CheckpointError(f"{path}: checksum mismatch in its attributes or layout, the checkpoint is "
                               "corrupted")
     try:
-        cfg = GPTConfig.from_dict(json.loads(_text(f.attrs["config"])))
-    except ValueError as e:
+        cfg = GPTConfig.from_dict(parse_json(_text(f.attrs["config"]), path, "a checkpoint config"))
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     dtype = _text(f.attrs["dtype"])
     if dtype not in ("float32", "float64"):
@@ -226,6 +267,11 @@ def _contents(f: h5py.File, path: Path) -> dict:
         if decay not in DECAY_GROUPS:
             raise CheckpointError(f"{path}: optimizer decay {decay!r}; expected one of {DECAY_GROUPS}")
         out["optimizer"]["decay"] = decay
+        step = out["optimizer"]["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) \
+                or step < 0 or step != int(step):
+            raise CheckpointError(f"{path}: optimizer step {step!r}; expected a whole number >= 0")
+        out["optimizer"]["step"] = int(step)
         for key in ("exp_avg", "exp_avg_sq"):
             groups[f"optimizer/{key}"] = out["optimizer"][key] = _lazy_tensors(g[key], f"optimizer/{key}")
     shapes = param_shapes(cfg)
@@ -282,7 +328,7 @@ def load_checkpoint(path, backend="numpy", dtype=None, device=None, **torch_opti
         try:
             if rng.get("backend") == model.backend and rng.get("state") is not None:
                 model.set_rng_state(rng["state"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
             raise CheckpointError(f"{path}: its {model.backend} RNG state cannot be restored "
                                   f"({type(e).__name__}: {e})") from None
         if ckpt["optimizer"] is not None:

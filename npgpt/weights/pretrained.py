@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
-from ..files import atomic_write
+from ..files import atomic_write, check_regular, load_json, open_regular, parse_json
 from .checkpoint import open_checkpoint
-from .lazy import TorchReader, build_loaded_model, torch_state_dict
+from .lazy import TorchReader, build_loaded_model, check_stored, torch_state_dict
 from .safetensors import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
 from .tfbundle import TFBundleReader, checkpoint_prefix
 from .names import book_source, hf_source, hf_tensors, map_params, openai_source
@@ -64,10 +64,7 @@ def _recorded_config(cfg: GPTConfig, n_heads, drop_rate, where) -> GPTConfig:
 
 def _json_object(path: Path, expected: str) -> dict:
     """A JSON file that must hold an object (a dict); anything else is a ValueError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:                                       # not JSON, or not UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    value = load_json(path, expected)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}; expected {expected}")
     return value
@@ -107,7 +104,9 @@ def _open_openai(stack, folder: Path, n_heads, drop_rate, verify):
                       tie_weights=True, drop_rate=_drop(drop_rate))
     reader = TFBundleReader(checkpoint_prefix(folder), verify)
     stack.callback(reader.close)
-    return cfg, map_params(reader, cfg, openai_source)
+    params = map_params(reader, cfg, openai_source)
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _hf_config(path: Path, n_heads, drop_rate) -> GPTConfig:
@@ -153,7 +152,8 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
         cfg = _hf_config(folder / "config.json", n_heads, drop_rate)
     elif getattr(reader, "metadata", {}).get("npgpt_config"):          # written by save_safetensors
         try:
-            recorded = GPTConfig.from_dict(json.loads(reader.metadata["npgpt_config"]))
+            recorded = GPTConfig.from_dict(parse_json(reader.metadata["npgpt_config"], reader.where,
+                                                      "an npgpt_config in its metadata"))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{reader.where}: its npgpt_config metadata is not a valid config ({e})") from None
         cfg = _recorded_config(recorded, n_heads, drop_rate, reader.where)
@@ -169,7 +169,9 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
     ignore = HF_IGNORED + ((r"lm_head\.weight",) if cfg.tie_weights else ())
     if not cfg.qkv_bias:                   # npgpt's own file: hf_tensors wrote zeros for GPT-2's format
         ignore += (rf"{re.escape(prefix)}h\.\d+\.attn\.c_attn\.bias",)
-    return cfg, map_params(reader, cfg, lambda n: hf_source(n, prefix), ignore)
+    params = map_params(reader, cfg, lambda n: hf_source(n, prefix), ignore)
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _open_book(path: Path, n_heads, drop_rate):
@@ -183,7 +185,9 @@ def _open_book(path: Path, n_heads, drop_rate):
                       n_layers=_count_blocks(names, r"trf_blocks\.(\d+)\."),
                       qkv_bias="trf_blocks.0.att.W_query.bias" in names, tie_weights="out_head.weight" not in names,
                       drop_rate=_drop(drop_rate))
-    return cfg, map_params(reader, cfg, book_source, ignore=(r"trf_blocks\.\d+\.att\.mask",))
+    params = map_params(reader, cfg, book_source, ignore=(r"trf_blocks\.\d+\.att\.mask",))
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _open_npgpt(stack, path: Path, n_heads, drop_rate):
@@ -208,10 +212,12 @@ def detect_format(path) -> str:
     if not path.is_file():
         if Path(f"{path}.index").is_file():                        # a checkpoint prefix: .../model.ckpt
             return "openai"
+        if path.exists():
+            check_regular(path, "a weight file")                   # a FIFO or a device: refused by name
         raise FileNotFoundError(f"weights not found: {path}")
     if path.name.endswith(".index") or path.name.startswith("model.ckpt"):
         return "openai"
-    with open(path, "rb") as f:
+    with open_regular(path, "a weight file") as f:
         magic = f.read(8)
     if magic == b"\x89HDF\r\n\x1a\n":
         return "npgpt"
