@@ -182,16 +182,18 @@ def _check_layout(f: h5py.File, path: Path, file_bytes: int) -> None:
     any link but a hard one (a soft link, an external link to another file), a dataset whose data
     lies elsewhere (external storage, a virtual dataset), chunked, filtered or variable-length
     data; and a dataset that declares more bytes than it stores, or more in all than the file holds."""
-    links = []
-    f.visititems_links(lambda name, link: None if isinstance(link, h5py.HardLink)
-                       else links.append((name, type(link).__name__)))
-    if links:
-        raise CheckpointError(f"{path}: /{links[0][0]} is a {links[0][1]}; npgpt's checkpoints hold no links, "
-                              "and the checksum does not cover what one points to")
-    datasets = []
-    f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    groups, datasets = [("", f)], []          # visititems goes by hard links, each object once
+    f.visititems(lambda name, obj: (groups if isinstance(obj, h5py.Group) else datasets).append((name, obj)))
+    for name, group in groups:
+        for key in group:
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise CheckpointError(f"{path}: /{name + '/' if name else ''}{key} is a {type(link).__name__}; npgpt's checkpoints hold "
+                                      "no links, and the checksum does not cover what one points to")
     total = 0
     for name, ds in datasets:
+        if not isinstance(ds, h5py.Dataset):
+            raise CheckpointError(f"{path}: /{name} is a {type(ds).__name__}; expected groups and datasets")
         dcpl = ds.id.get_create_plist()
         if ds.is_virtual or dcpl.get_external_count():
             raise CheckpointError(f"{path}: /{name} keeps its data in other files (a virtual dataset or external "
