@@ -156,8 +156,7 @@ def parse_json(data, where, what: str = "JSON"):
     try:
         return json.loads(data)
     except RecursionError:
-        raise ValueError(f"{where}: not {what} npgpt reads (JSON nested deeper than Python's recursion "
-                         "limit)") from None
+        raise ValueError(f"{where}: not {what} (JSON nested deeper than Python's recursion limit)") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not {what} (not UTF-8 text: {e.reason} at byte {e.start})") from None
     except ValueError as e:                     # JSONDecodeError, or the 4,300-digit integer limit
@@ -176,8 +175,7 @@ def load_toml(path, what: str = "a TOML file", max_bytes: int = MAX_JSON_BYTES) 
     try:
         return tomllib.loads(data.decode("utf-8"))
     except RecursionError:
-        raise ValueError(f"{path}: not {what} npgpt reads (TOML nested deeper than Python's recursion "
-                         "limit)") from None
+        raise ValueError(f"{path}: not {what} (TOML nested deeper than Python's recursion limit)") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not {what} (not UTF-8 text: {e.reason} at byte {e.start})") from None
     except ValueError as e:                     # TOMLDecodeError, or the 4,300-digit integer limit

@@ -74,7 +74,7 @@ def load_examples(path: str | os.PathLike) -> list[dict]:
                                  f"than {MAX_LINE_BYTES if len(raw) > MAX_LINE_BYTES else MAX_BYTES:,} bytes; "
                                  "not a HellaSwag file")
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {offset - len(raw) + e.start})") from None
             if not line.strip():

@@ -99,17 +99,16 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
     return 0
 
 
-def forced_cut(text: str, lo: int, hi: int) -> int:
-    """Where to cut text in [lo, hi] when safe_cut finds no place: the last " " between two
+def forced_cut(text: str, lo: int) -> int:
+    """Where to cut text, at lo or after, when safe_cut finds no place: the last " " between two
     non-whitespace characters (each of GPT-2's regex pieces starts at such a space, so this cut
-    too keeps the tokens), else hi, which may change the tokens of the word it splits."""
-    lo, hi = max(lo, 1), min(hi, len(text) - 2)
-    i = text.rfind(" ", lo, hi + 1)
+    too keeps the tokens), else the end of text, which may change the tokens of the word cut there."""
+    i = text.rfind(" ", max(lo, 1), len(text) - 1)
     while i != -1:
         if not text[i - 1].isspace() and not text[i + 1].isspace():
             return i
-        i = text.rfind(" ", lo, i)
-    return hi + 1
+        i = text.rfind(" ", max(lo, 1), i)
+    return len(text)
 
 
 def pieces(chunks: Iterable[str], size: int | None = None, most: int | None = None) -> Iterator[str]:
@@ -128,7 +127,7 @@ def pieces(chunks: Iterable[str], size: int | None = None, most: int | None = No
             if len(pending) > size:
                 cut = safe_cut(pending, max(scanned, size // 2), len(pending) - 1)
                 if not cut and len(pending) >= most:
-                    cut = forced_cut(pending, size // 2, len(pending) - 1)
+                    cut = forced_cut(pending, size // 2)
                 if cut:
                     yield pending[:cut]
                     pending, scanned = pending[cut:], 0

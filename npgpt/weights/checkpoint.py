@@ -188,7 +188,8 @@ def _check_layout(f: h5py.File, path: Path, file_bytes: int) -> None:
         for key in group:
             link = group.get(key, getlink=True)
             if not isinstance(link, h5py.HardLink):
-                raise CheckpointError(f"{path}: /{name + '/' if name else ''}{key} is a {type(link).__name__}; npgpt's checkpoints hold "
+                kind = {h5py.ExternalLink: "an external link", h5py.SoftLink: "a soft link"}.get(type(link), "a link")
+                raise CheckpointError(f"{path}: /{name + '/' if name else ''}{key} is {kind}; npgpt's checkpoints hold "
                                       "no links, and the checksum does not cover what one points to")
     total = 0
     for name, ds in datasets:
@@ -254,8 +255,12 @@ def _contents(f: h5py.File, path: Path) -> dict:
         raise CheckpointError(f"{path}: checksum mismatch in its attributes or layout, the checkpoint is "
                               "corrupted")
     try:
-        cfg = GPTConfig.from_dict(parse_json(_text(f.attrs["config"]), path, "a checkpoint config"))
-    except (ValueError, TypeError) as e:
+        recorded = parse_json(_text(f.attrs["config"]), path, "an npgpt checkpoint (its config is not JSON)")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        cfg = GPTConfig.from_dict(recorded)
+    except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     dtype = _text(f.attrs["dtype"])
     if dtype not in ("float32", "float64"):

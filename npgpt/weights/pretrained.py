@@ -151,9 +151,10 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
     if (folder / "config.json").is_file():
         cfg = _hf_config(folder / "config.json", n_heads, drop_rate)
     elif getattr(reader, "metadata", {}).get("npgpt_config"):          # written by save_safetensors
+        recorded = parse_json(reader.metadata["npgpt_config"], reader.where,
+                              "a weight file npgpt reads (its npgpt_config metadata is not JSON)")
         try:
-            recorded = GPTConfig.from_dict(parse_json(reader.metadata["npgpt_config"], reader.where,
-                                                      "an npgpt_config in its metadata"))
+            recorded = GPTConfig.from_dict(recorded)
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{reader.where}: its npgpt_config metadata is not a valid config ({e})") from None
         cfg = _recorded_config(recorded, n_heads, drop_rate, reader.where)
