@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -219,10 +220,12 @@ def cases(tmp_path_factory):
             f[group].create_dataset(name, shape=shape, dtype=dtype, **kwargs)
         return change
 
-    other = d / "other.h5"
-    with h5py.File(other, "w") as f:
-        f.create_group("params")
-        f.create_dataset("x", data=np.zeros(16))
+    other = d / "other.h5"                      # a valid checkpoint of other numbers, each with its crc32
+    shutil.copy(ckpt, other)
+    with h5py.File(other, "r+") as f:
+        for ds in f["params"].values():
+            ds[...] = ds[()] * 2 + 1
+            ds.attrs["crc32"] = zlib.crc32(np.ascontiguousarray(ds[()]).data)
 
     def external_link(f):
         del f["params"]
@@ -234,9 +237,12 @@ def cases(tmp_path_factory):
 
     def virtual(f):
         layout = h5py.VirtualLayout(shape=(16,), dtype="f4")
-        layout[:] = h5py.VirtualSource(str(other), "x", shape=(16,))
+        layout[:] = h5py.VirtualSource(str(other), "params/ln_f.bias", shape=(16,))
+        crc = f["params"]["ln_f.bias"].attrs["crc32"]
         del f["params"]["ln_f.bias"]
-        f["params"].create_virtual_dataset("ln_f.bias", layout)
+        f["params"].create_virtual_dataset("ln_f.bias", layout).attrs["crc32"] = crc
+        with h5py.File(other, "r") as o:        # the crc32 of what it points to: it would load, were it not refused
+            f["params"]["ln_f.bias"].attrs["crc32"] = o["params"]["ln_f.bias"].attrs["crc32"]
 
     def external_storage():
         """params/wpe stored in another file, which is then replaced by a FIFO: reading it would block."""
@@ -307,9 +313,9 @@ def cases(tmp_path_factory):
                                                      sealed=False)), "chunked.h5"),
         # other numbers: compressed members, data from outside the file
         ".pth with DEFLATE members": (conv(book_pth(d / "zipped.pth", 50, C=64, rezip=True)), "zipped.pth"),
-        ".h5 external link": (conv(h5("extlink", external_link, sealed=False)), "extlink.h5"),
-        ".h5 soft link": (conv(h5("softlink", soft_link, sealed=False)), "softlink.h5"),
-        ".h5 virtual dataset": (conv(h5("virtual", virtual, sealed=False)), "virtual.h5"),
+        ".h5 external link": (conv(h5("extlink", external_link)), "extlink.h5"),
+        ".h5 soft link": (conv(h5("softlink", soft_link)), "softlink.h5"),
+        ".h5 virtual dataset": (conv(h5("virtual", virtual)), "virtual.h5"),
         ".h5 external storage (a FIFO)": (conv(external_storage()), "external.h5"),
         # special files where a regular file belongs
         "--config /dev/zero": (["train", "--config", str(zero)], "/dev/zero"),
