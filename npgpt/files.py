@@ -132,7 +132,9 @@ def open_regular(path, what: str = "a file", buffering: int = -1):
             raise _not_regular(path, mode, what)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=buffering)
+        f = os.fdopen(fd, "rb", buffering=buffering)
+        (f if buffering == 0 else f.raw).name = os.fspath(path)        # for messages, not the descriptor
+        return f
     except BaseException:
         os.close(fd)
         raise
@@ -151,16 +153,18 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def parse_json(data, where, what: str = "JSON"):
-    """json.loads(data) (bytes or str), any failure a one-line ValueError naming where."""
+def parse_json(data, where, what: str = "a JSON value"):
+    """json.loads(data) (bytes or str), any failure a one-line ValueError naming where and saying
+    what was expected (what: "an object with n_ctx, n_embd, ...")."""
     try:
         return json.loads(data)
     except RecursionError:
-        raise ValueError(f"{where}: not {what} (JSON nested deeper than Python's recursion limit)") from None
+        reason = "JSON nested deeper than Python's recursion limit"
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not {what} (not UTF-8 text: {e.reason} at byte {e.start})") from None
+        reason = f"not UTF-8 text ({e.reason} at byte {e.start})"
     except ValueError as e:                     # JSONDecodeError, or the 4,300-digit integer limit
-        raise ValueError(f"{where}: not {what} (invalid JSON: {_first_line(e)})") from None
+        reason = f"not valid JSON ({_first_line(e)})"
+    raise ValueError(f"{where}: {reason}; expected {what}")
 
 
 def load_json(path, what: str = "a JSON file", max_bytes: int = MAX_JSON_BYTES):

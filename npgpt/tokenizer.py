@@ -76,7 +76,7 @@ def tokenizer_from_openai_files(encoder_json: str | Path, vocab_bpe: str | Path)
     loader caches them by path, and would miss a rewritten file)."""
     encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
     from .files import load_json
-    encoder = load_json(encoder_json, "a JSON file")           # bounded, any parse failure names the file
+    encoder = load_json(encoder_json, "a JSON object of token -> id")    # bounded; a failure names the file
     if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
         raise ValueError(f"{encoder_json}: expected a JSON object of token -> integer id")
     if sorted(encoder.values()) != list(range(len(encoder))):

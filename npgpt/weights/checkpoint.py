@@ -255,7 +255,7 @@ def _contents(f: h5py.File, path: Path) -> dict:
         raise CheckpointError(f"{path}: checksum mismatch in its attributes or layout, the checkpoint is "
                               "corrupted")
     try:
-        recorded = parse_json(_text(f.attrs["config"]), path, "an npgpt checkpoint (its config is not JSON)")
+        recorded = parse_json(_text(f.attrs["config"]), path, "a config attribute: a GPTConfig as JSON")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     try:

@@ -152,7 +152,7 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
         cfg = _hf_config(folder / "config.json", n_heads, drop_rate)
     elif getattr(reader, "metadata", {}).get("npgpt_config"):          # written by save_safetensors
         recorded = parse_json(reader.metadata["npgpt_config"], reader.where,
-                              "a weight file npgpt reads (its npgpt_config metadata is not JSON)")
+                              "an npgpt_config in its metadata: a GPTConfig as JSON")
         try:
             recorded = GPTConfig.from_dict(recorded)
         except (ValueError, TypeError, AttributeError) as e:

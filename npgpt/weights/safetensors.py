@@ -63,7 +63,7 @@ class SafetensorsReader(Reader):
             n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
             if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-            header = parse_json(f.read(n), path, "a safetensors file (its header is not JSON)")
+            header = parse_json(f.read(n), path, "the JSON header of a safetensors file")
         if not isinstance(header, dict):
             raise ValueError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
                              "expected an object of tensors)")
