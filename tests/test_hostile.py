@@ -506,3 +506,16 @@ def test_a_jsonl_line_longer_than_the_bound_is_refused_with_its_size(tmp_path, c
     assert err == (f"npgpt prepare: error: {path} line 1: longer than {MAX_LINE_BYTES:,} bytes; a .jsonl document "
                    "must be smaller (put a longer one in a .txt file of its own)\n")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_forced_cut_at_a_space_keeps_the_tokens():
+    """Words and single spaces with no newline or punctuation (safe_cut finds nothing): pieces cut
+    at forced_cut's spaces encode, one by one, to the tokens of the whole text."""
+    from npgpt.data.sources import pieces
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdeé1 "), size=rng.integers(1, 9))) for _ in range(3000)]
+    text = " ".join(words)                  # runs of several spaces come too, where no cut is taken
+    enc = npgpt.get_tokenizer()
+    cut = list(pieces([text], size=256, most=512))
+    assert "".join(cut) == text and len(cut) > 20 and max(map(len, cut)) < 512 + 256
+    assert [t for piece in cut for t in enc.encode_ordinary(piece)] == enc.encode_ordinary(text)

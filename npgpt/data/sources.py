@@ -115,7 +115,7 @@ def pieces(chunks: Iterable[str], size: int | None = None, most: int | None = No
     """One document's text, given as chunks of any length, again as pieces cut at safe_cut:
     "".join(pieces) == "".join(chunks), and there is always one, if only "". A piece holds
     size // 2 to 2 * size characters (the last fewer) where safe cuts come that often; without
-    one it grows to most characters (MAX_PIECE_CHARS) and is cut at forced_cut, so that memory
+    one it grows to about most characters (MAX_PIECE_CHARS) and is cut at forced_cut, so that memory
     stays bounded: only a run of millions of characters of one kind (a word of a million
     letters) is then tokenised differently, near that cut, from the document encoded whole."""
     size = size or PIECE_CHARS
