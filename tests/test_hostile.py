@@ -8,8 +8,8 @@ TOML nested 100,000 deep, counts such as n_layer 2**40, sizes declared but absen
 folders where a file belongs, bytes that are not UTF-8, integers beyond Python's 4,300 digits, a
 NaN optimizer step and an RNG state of -1. All cases run in ONE subprocess (importing torch costs
 seconds) under RLIMIT_AS and a per-case alarm; a few run as `python -m npgpt` of their own.
+The writers are in hostile_writers.py; prepare's own cases in test_hostile_prepare.py.
 """
-import gzip
 import json
 import os
 import resource
@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -26,9 +25,7 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.params import param_shapes
-from npgpt.weights.checkpoint import _digest
-from npgpt.weights.names import openai_source
+from hostile_writers import book_pth, copy_with, field, reseal, safetensors_with, tf_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "openai-tiny"
@@ -41,132 +38,6 @@ HUGE_INT = "9" * 5000               # past Python's 4,300-digit limit on int("..
 def limited():
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-
-# ---- an independent writer of TensorFlow's table and protobuf ----
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(data: bytes) -> bytes:
-    c = crc32c(data)
-    return ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF).to_bytes(4, "little")
-
-
-def varint(n: int) -> bytes:
-    out = b""
-    while n >= 0x80:
-        out += bytes([n & 0x7F | 0x80])
-        n >>= 7
-    return out + bytes([n])
-
-
-def field(number: int, value) -> bytes:
-    if isinstance(value, int):
-        return varint(number << 3) + varint(value)
-    return varint(number << 3 | 2) + varint(len(value)) + value
-
-
-def block(entries) -> bytes:
-    body = b"".join(varint(0) + varint(len(k)) + varint(len(v)) + k + v for k, v in entries)
-    return body + struct.pack("<II", 0, 1)          # one restart point, at 0
-
-
-def table(entries) -> bytes:
-    """A LevelDB table of sorted (key, value) byte pairs: one data block, the index block, the footer."""
-    data = block(entries)
-    out = data + b"\0" + masked(data + b"\0")
-    index = block([(entries[-1][0], varint(0) + varint(len(data)))])
-    footer = (varint(0) + varint(0) + varint(len(out)) + varint(len(index))).ljust(40, b"\0")
-    return out + index + b"\0" + masked(index + b"\0") + footer + struct.pack("<Q", 0xDB4775248B80FB57)
-
-
-def tf_bundle(folder: Path, hparams: dict, offset=lambda i: 0, data_bytes=1 << 16, keys=None) -> Path:
-    """An OpenAI-style folder whose index lists every tensor of hparams' model as float32 at offset(i)
-    of a data file of data_bytes zeros."""
-    folder.mkdir()
-    (folder / "hparams.json").write_text(json.dumps(hparams))
-    cfg = npgpt.GPTConfig(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"], emb_dim=hparams["n_embd"],
-                          n_heads=hparams["n_head"], n_layers=hparams["n_layer"], qkv_bias=True, tie_weights=True)
-    entries = []
-    for i, (name, shape) in enumerate(param_shapes(cfg).items()):
-        (source,), kind = openai_source(name)
-        shape = (1, *shape[::-1]) if kind == "conv1d" else shape
-        dims = b"".join(field(2, field(1, d)) for d in shape)
-        entry = field(1, 1) + field(2, dims) + field(3, 0) + field(4, offset(i)) + field(5, 4 * int(np.prod(shape)))
-        entries.append((source.encode(), entry))
-    entries = sorted(keys or entries)
-    (folder / "model.ckpt.index").write_bytes(table([(b"", field(1, 1))] + entries))
-    (folder / "model.ckpt.data-00000-of-00001").write_bytes(bytes(data_bytes))
-    return folder
-
-
-# ---- the cases ----
-
-def reseal(src: Path, dst: Path, change) -> Path:
-    """A copy of the checkpoint src changed by change(f) and given a matching root checksum, as a
-    crafted file would be (the checksum is a crc32, not a signature)."""
-    shutil.copy(src, dst)
-    with h5py.File(dst, "r+") as f:
-        change(f)
-        f.attrs["checksum"] = _digest(f)
-    return dst
-
-
-def copy_with(src: Path, dst: Path, **files) -> Path:
-    shutil.copytree(src, dst)
-    for name, content in files.items():
-        name = name.replace("__", ".")
-        (dst / name).unlink(missing_ok=True)
-        if isinstance(content, Path):
-            (dst / name).symlink_to(content)
-        elif content == "fifo":
-            os.mkfifo(dst / name)
-        else:
-            (dst / name).write_bytes(content.encode() if isinstance(content, str) else content)
-    return dst
-
-
-def safetensors_with(src: Path, dst: Path, change) -> Path:
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = change(json.loads(raw[8:8 + n]))
-    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
-    return dst
-
-
-def book_pth(path: Path, rows: int, C: int = 64, rezip: bool = False) -> Path:
-    """The book's GPTModel state_dict of one block, every tensor a stride-0 view of one element
-    (torch saves the element, not the rows), tok_emb and out_head of `rows` rows."""
-    import torch
-    one = torch.zeros(1)
-    shapes = {"tok_emb.weight": (rows, C), "pos_emb.weight": (16, C), "out_head.weight": (rows, C),
-              "final_norm.scale": (C,), "final_norm.shift": (C,)}
-    b = "trf_blocks.0."
-    for w in ("W_query", "W_key", "W_value"):
-        shapes[f"{b}att.{w}.weight"] = (C, C)
-    shapes.update({f"{b}att.out_proj.weight": (C, C), f"{b}att.out_proj.bias": (C,),
-                   f"{b}ff.layers.0.weight": (4 * C, C), f"{b}ff.layers.0.bias": (4 * C,),
-                   f"{b}ff.layers.2.weight": (C, 4 * C), f"{b}ff.layers.2.bias": (C,),
-                   f"{b}norm1.scale": (C,), f"{b}norm1.shift": (C,), f"{b}norm2.scale": (C,), f"{b}norm2.shift": (C,)})
-    if rezip:                                       # real tensors, their zip members then compressed
-        state = {k: torch.full(s, 0.5) for k, s in shapes.items()}
-    else:
-        state = {k: one.expand(*s) for k, s in shapes.items()}
-    torch.save(state, path)
-    if rezip:
-        packed = path.with_suffix(".zip")
-        with zipfile.ZipFile(path) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
-            for info in src.infolist():
-                dst.writestr(info.filename, src.read(info.filename))
-        packed.replace(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -452,70 +323,3 @@ def test_the_cli_as_a_process_refuses_in_one_line(cases, tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stdout == "", (case, proc.returncode, proc.stdout)
         assert len(proc.stderr.splitlines()) == 1 and name in proc.stderr, (case, proc.stderr)
-
-
-def test_prepare_keeps_memory_bounded_on_a_document_without_a_place_to_cut(tmp_path):
-    """A .txt.gz holding one run of a single letter (nothing to cut at: no newline, no space, no
-    punctuation), 8 million characters from a 10 kB file, in a subprocess under a memory limit
-    with the piece sizes scaled down 64 times: the run is cut into pieces of MAX_PIECE_CHARS, and
-    the shards hold tiktoken's tokens of each piece. Encoded whole, as before the cut, the run
-    grew the process by about 400 MB (16 million: 763 MB and 22 s)."""
-    n = 8_000_000
-    path = tmp_path / "run.txt.gz"
-    with gzip.open(path, "wb") as f:
-        for _ in range(n // 1_000_000):
-            f.write(b"a" * 1_000_000)
-    assert path.stat().st_size < 50_000
-    code = f"""
-import resource, sys
-import numpy as np
-from npgpt.data import sources
-sources.PIECE_CHARS, sources.MAX_PIECE_CHARS = 1 << 14, 1 << 16
-from npgpt.data.prepare import prepare
-from npgpt.data.shards import TokenDir
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-m = prepare({str(path)!r}, {str(tmp_path / 'out')!r}, val_fraction=0.01, progress=False)
-grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-tokens = TokenDir({str(tmp_path / 'out')!r})
-ids = np.concatenate(tokens.val + tokens.train)
-print(grew // 1024, m["tokens"]["total"], int(ids[0]), len(set(ids[1:].tolist())))
-"""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], preexec_fn=limited, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    grew_mb, total, first, kinds = map(int, proc.stdout.split())
-    enc = npgpt.get_tokenizer()                 # tiktoken's GPT-2 encoding
-    piece, rest = enc.encode_ordinary("a" * (1 << 16)), enc.encode_ordinary("a" * (n % (1 << 16)))
-    assert first == 50256 and total == 1 + n // (1 << 16) * len(piece) + len(rest)
-    assert kinds <= 4                            # runs of "a" are tokens of a few lengths of "a"s
-    assert grew_mb < 150, f"prepare grew by {grew_mb} MB"
-
-
-def test_a_jsonl_line_longer_than_the_bound_is_refused_with_its_size(tmp_path, capsys):
-    from npgpt.cli import main
-    from npgpt.data.sources import MAX_LINE_BYTES
-    path = tmp_path / "long.jsonl.gz"
-    with gzip.open(path, "wb", compresslevel=1) as f:
-        f.write(b'{"text": "')
-        for _ in range(MAX_LINE_BYTES // (1 << 20) + 1):
-            f.write(b"a" * (1 << 20))
-        f.write(b'"}\n')
-    assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"npgpt prepare: error: {path} line 1: longer than {MAX_LINE_BYTES:,} bytes; a .jsonl document "
-                   "must be smaller (put a longer one in a .txt file of its own)\n")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_a_forced_cut_at_a_space_keeps_the_tokens():
-    """Words and single spaces with no newline or punctuation (safe_cut finds nothing): pieces cut
-    at forced_cut's spaces encode, one by one, to the tokens of the whole text."""
-    from npgpt.data.sources import pieces
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdeé1 "), size=rng.integers(1, 9))) for _ in range(3000)]
-    text = " ".join(words)                  # runs of several spaces come too, where no cut is taken
-    enc = npgpt.get_tokenizer()
-    cut = list(pieces([text], size=256, most=512))
-    assert "".join(cut) == text and len(cut) > 20 and max(map(len, cut)) < 512 + 256
-    assert [t for piece in cut for t in enc.encode_ordinary(piece)] == enc.encode_ordinary(text)
