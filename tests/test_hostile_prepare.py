@@ -2,13 +2,20 @@
 .jsonl line past the bound is refused with its size, and the forced cut keeps the tokens."""
 import gzip
 import os
+import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
 import npgpt
-from test_hostile import REPO, limited
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def limited():
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))         # 1.5 GiB of address space
 
 
 def test_prepare_keeps_memory_bounded_on_a_document_without_a_place_to_cut(tmp_path):
