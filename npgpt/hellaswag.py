@@ -27,7 +27,7 @@ from .data.sources import _json_type
 from .files import open_regular
 
 N_ENDINGS = 4
-MAX_BYTES = 256 << 20        # hellaswag_val.jsonl is 11 MB, its longest line about 2 kB
+MAX_BYTES = 64 << 20         # hellaswag_val.jsonl is 11 MB, its longest line about 2 kB
 MAX_LINE_BYTES = 1 << 20
 
 

@@ -145,6 +145,8 @@ def cases(tmp_path_factory):
         # deep nesting, every JSON and TOML reader
         "safetensors header nested": (conv(safetensors_with(st, d / "deep.safetensors", lambda h: deep.encode())),
                                       "deep.safetensors"),
+        "safetensors header of 17 MiB": (conv(jl("big.safetensors", struct.pack("<Q", 17 << 20) + b"{" + b" " * (
+            (17 << 20) - 2) + b"}")), "big.safetensors"),
         "npgpt_config metadata nested": (conv(safetensors_with(st, d / "meta.safetensors", lambda h: {
             **h, "__metadata__": {"format": "pt", "npgpt_config": deep}})), "meta.safetensors"),
         "config.json nested": (["generate", "--pretrained", str(copy_with(hf, d / "hf-deep", config__json=deep)),
@@ -279,7 +281,8 @@ json.dump(results, open(sys.argv[3], "w"))
     return json.loads((d / "results.json").read_text())
 
 
-CASE_NAMES = ["safetensors header nested", "npgpt_config metadata nested", "config.json nested",
+CASE_NAMES = ["safetensors header nested", "safetensors header of 17 MiB", "npgpt_config metadata nested",
+              "config.json nested",
               "hparams.json nested", "safetensors index nested", "shard manifest nested", "prepare jsonl nested",
               "hellaswag nested", "--config TOML nested", ".h5 config nested", "config.json n_layer 2**40",
               "hparams.json n_layer 2**40", "npgpt_config n_layers 2**40", ".h5 config n_layers 2**40",
