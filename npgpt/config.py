@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Sane upper bounds, far above any GPT-2-like model (GPT-3 175B: 96 layers, 96 heads, width 12,288):
+# checked before anything is sized from a config, so that a file declaring n_layer 2**40 is refused
+# at once instead of looping over 2**40 blocks. What a file declares is then checked against its bytes.
+MAX_SIZES = {"vocab_size": 1 << 21, "context_length": 1 << 20, "emb_dim": 1 << 16, "n_heads": 1 << 12,
+             "n_layers": 1 << 12}
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -24,10 +30,10 @@ class GPTConfig:
     emb_init_std: float = 1.0    # std of wte and wpe at initialisation: 1.0 as the book's nn.Embedding, 0.02 in GPT-2
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name, most in MAX_SIZES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+                raise ValueError(f"GPTConfig.{name} must be an integer from 1 to {most:,}, got {value!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by "
                              f"n_heads ({self.n_heads})")

@@ -27,8 +27,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data.sources import _json_type
+from .files import open_regular
 
 N_ENDINGS = 4
+MAX_BYTES = 64 << 20         # hellaswag_val.jsonl is 11 MB, its longest line about 2 kB
+MAX_LINE_BYTES = 1 << 20
 
 
 def _check_example(example, where: str) -> dict:
@@ -61,22 +64,33 @@ def _check_example(example, where: str) -> dict:
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """Every example of a HellaSwag jsonl file, checked: [{"ctx", "endings", "label", "where"}, ...]
     ("where": the file and line, for later messages). Blank lines are skipped; anything else wrong
-    is a ValueError naming the file and line."""
+    is a ValueError naming the file and line, as is a file of more than MAX_BYTES or a line of
+    more than MAX_LINE_BYTES, or anything but a regular file."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-        examples.append({**_check_example(example, where), "where": where})
+    examples, offset = [], 0
+    with open_regular(path, "a HellaSwag .jsonl file") as f:
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            where = f"{path} line {number}"
+            offset += len(raw)
+            if len(raw) > MAX_LINE_BYTES or offset > MAX_BYTES:
+                raise ValueError(f"{where}: {'the line' if len(raw) > MAX_LINE_BYTES else 'the file'} is longer "
+                                 f"than {MAX_LINE_BYTES if len(raw) > MAX_LINE_BYTES else MAX_BYTES:,} bytes; "
+                                 "not a HellaSwag file")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {offset - len(raw) + e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested deeper than Python's recursion limit") from None
+            except ValueError as e:             # Python's limit of 4,300 digits on an integer
+                raise ValueError(f"{where}: not JSON npgpt reads ({e})") from None
+            examples.append({**_check_example(example, where), "where": where})
     if not examples:
         raise ValueError(f"{path}: no examples (expected one JSON object a line with \"ctx\", \"endings\" "
                          "and \"label\")")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,10 +75,8 @@ def tokenizer_from_openai_files(encoder_json: str | Path, vocab_bpe: str | Path)
     or more bytes is made by a merge. The files are read afresh on every call (tiktoken's own
     loader caches them by path, and would miss a rewritten file)."""
     encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
-    try:
-        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{encoder_json}: not a JSON file ({e})") from None
+    from .files import load_json
+    encoder = load_json(encoder_json, "a JSON object of token -> id")    # bounded; a failure names the file
     if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
         raise ValueError(f"{encoder_json}: expected a JSON object of token -> integer id")
     if sorted(encoder.values()) != list(range(len(encoder))):

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:                  # a second Ctrl-C / SIGTERM while training: 130 / 143
         print("npgpt: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+    # the readers refuse bad files with a ValueError naming them; the rest is a last line of defence
+    except (ValueError, TypeError, OSError, FloatingPointError, OverflowError, RecursionError, MemoryError) as e:
         if args.debug:
             raise
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -12,8 +12,8 @@ or a value of the wrong type, is refused in one line naming the key and the file
 from __future__ import annotations
 
 import argparse
-import tomllib
-from pathlib import Path
+
+from ..files import load_toml
 
 NOT_IN_FILES = ("config", "help")
 
@@ -27,11 +27,13 @@ def add_argument(parser) -> None:
 def load_config(path, parser: argparse.ArgumentParser) -> dict:
     """The file's options as {dest: value}, for parser.set_defaults; ValueError naming the file and the key."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = load_toml(path, "a readable TOML file")       # bounded: a FIFO, /dev/zero, deep nesting refused
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except OSError as e:
         raise ValueError(f"--config {path}: not a readable TOML file ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"--config {e}") from None
     actions = {option[2:]: action for action in parser._actions for option in action.option_strings
                if option.startswith("--") and option[2:] not in NOT_IN_FILES}
     values = {}

@@ -5,7 +5,10 @@ and a folder stands for every such file below it.
 A document comes in pieces of about PIECE_CHARS characters, cut only where GPT-2's
 pre-tokenisation regex cuts too, so that encoding the pieces one by one gives exactly the tokens
 of the whole document: memory stays bounded however large a document is (as long as such places
-come: see safe_cut), and the threads of a batch encode share the work of one large document.
+come: see safe_cut; where none comes for MAX_PIECE_CHARS characters the piece is cut anyway,
+see pieces), and the threads of a batch encode share the work of one large document. A .jsonl
+line, parsed whole, may hold at most MAX_LINE_BYTES. Only regular files are read: a FIFO or a
+device (a symbolic link to /dev/zero in a folder, say) is refused by name.
 
 Bad input is a ValueError naming the file, with the line number (.jsonl) and the byte offset of
 undecodable UTF-8 (in the decompressed text for .gz).
@@ -21,9 +24,13 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..files import check_regular, open_regular
+
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 READ_BYTES = 1 << 20
 PIECE_CHARS = 1 << 20
+MAX_PIECE_CHARS = 4 * PIECE_CHARS       # a piece with no safe cut is cut here anyway (see pieces)
+MAX_LINE_BYTES = 64 << 20               # one .jsonl document
 # An ASCII letter or digit, then ASCII punctuation other than "'" (which starts a contraction):
 # no piece of GPT-2's regex holds both, and neither depends on what lies beyond the cut.
 _CLASS_CHANGE = re.compile(r"[A-Za-z0-9](?=[!-&(-/:-@\[-`{-~])")
@@ -53,11 +60,14 @@ def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
                 found += [Path(root, n) for n in names if not n.startswith(".") and corpus_kind(Path(n))]
             if not found:
                 raise ValueError(f"{path}: no {', '.join(SUFFIXES)} files in this folder or below")
+            for f in found:
+                check_regular(f, "a corpus file")
             files.update(Path(os.path.abspath(f)) for f in found)
-        elif path.is_file():
+        elif path.exists():
             if not corpus_kind(path):
                 raise ValueError(f"{path}: not a corpus file; expected a name ending in "
                                  f"{', '.join(SUFFIXES)}, or a folder of them")
+            check_regular(path, "a corpus file")
             files.add(Path(os.path.abspath(path)))
         else:
             raise ValueError(f"{path}: no such file or folder")
@@ -89,18 +99,35 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
     return 0
 
 
-def pieces(chunks: Iterable[str], size: int | None = None) -> Iterator[str]:
+def forced_cut(text: str, lo: int) -> int:
+    """Where to cut text, at lo or after, when safe_cut finds no place: the last " " between two
+    non-whitespace characters (each of GPT-2's regex pieces starts at such a space, so this cut
+    too keeps the tokens), else the end of text, which may change the tokens of the word cut there."""
+    i = text.rfind(" ", max(lo, 1), len(text) - 1)
+    while i != -1:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", max(lo, 1), i)
+    return len(text)
+
+
+def pieces(chunks: Iterable[str], size: int | None = None, most: int | None = None) -> Iterator[str]:
     """One document's text, given as chunks of any length, again as pieces cut at safe_cut:
     "".join(pieces) == "".join(chunks), and there is always one, if only "". A piece holds
     size // 2 to 2 * size characters (the last fewer) where safe cuts come that often; without
-    one it grows until one comes."""
+    one it grows to about most characters (MAX_PIECE_CHARS) and is cut at forced_cut, so that memory
+    stays bounded: only a run of millions of characters of one kind (a word of a million
+    letters) is then tokenised differently, near that cut, from the document encoded whole."""
     size = size or PIECE_CHARS
+    most = most or MAX_PIECE_CHARS
     pending, scanned = "", 0
     for chunk in chunks:
         for start in range(0, len(chunk), size):
             pending += chunk[start:start + size]
             if len(pending) > size:
                 cut = safe_cut(pending, max(scanned, size // 2), len(pending) - 1)
+                if not cut and len(pending) >= most:
+                    cut = forced_cut(pending, size // 2)
                 if cut:
                     yield pending[:cut]
                     pending, scanned = pending[cut:], 0
@@ -132,9 +159,20 @@ def _json_type(value) -> str:
     return "null"
 
 
+def _lines(path: Path, f) -> Iterator[bytes]:
+    """The lines of f, each read with a bound: a longer one is refused with its line number."""
+    number = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise ValueError(f"{path} line {number}: longer than {MAX_LINE_BYTES:,} bytes; a .jsonl document "
+                             "must be smaller (put a longer one in a .txt file of its own)")
+        yield line
+
+
 def _jsonl_texts(path: Path, f) -> Iterator[str]:
     offset = 0
-    for number, line in enumerate(f, start=1):
+    for number, line in enumerate(_lines(path, f), start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -146,6 +184,10 @@ def _jsonl_texts(path: Path, f) -> Iterator[str]:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {number}: not JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {number}: JSON nested deeper than Python's recursion limit") from None
+        except ValueError as e:                 # Python's limit of 4,300 digits on an integer
+            raise ValueError(f"{path} line {number}: not JSON npgpt reads ({e})") from None
         if not isinstance(doc, dict):
             raise ValueError(f"{path} line {number}: expected a JSON object with a string \"text\" field, "
                              f"got {_json_type(doc)}")
@@ -161,7 +203,7 @@ def read_pieces(path: Path, on_bytes: Callable[[int], None] = lambda n: None) ->
     is told how many bytes of the file (compressed, for .gz) each step has read."""
     path = Path(path)
     kind, gz = corpus_kind(path), path.name.lower().endswith(".gz")
-    with open(path, "rb") as raw:
+    with open_regular(path, "a corpus file") as raw:
         f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
         told = 0
         try:

@@ -21,8 +21,12 @@ torch backend receives one tensor at a time and copies it to its device.
 
 Nothing read is trusted: each tensor's crc32 covers its data, and the root's checksum (version 2)
 covers everything else (every attribute, every dataset's name, shape and dtype, the train_state
-lists), so a damaged file is refused, never loaded with other values. Every failure to read a
-file is a ValueError (CheckpointError) that names it; a missing file a FileNotFoundError.
+lists), so a damaged file is refused, never loaded with other values. What a checksum cannot
+cover, data from outside the file, is refused before anything is read: links (soft, external),
+datasets stored in other files (external storage, virtual datasets), and chunked or filtered
+datasets, none of which npgpt writes; each dataset must hold the bytes it declares, all of them
+within the file's size. Every failure to read a file is a ValueError (CheckpointError) that
+names it; a missing file a FileNotFoundError.
 
 Files of versions 1 and 2 load: their optimizer's decay_all=True reads as decay "all", False (which
 exempted the embeddings too) as "matrices"; they saved the schedule's peak only (peak_lr), which is
@@ -32,6 +36,7 @@ keywords) anew.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +45,7 @@ import h5py
 import numpy as np
 
 from ..config import GPTConfig
-from ..files import atomic_write
+from ..files import atomic_write, check_regular, parse_json
 from ..params import DECAY_GROUPS, check_params, param_shapes
 from ..run_state import Schedule, TrainState
 from .lazy import LazyParam
@@ -178,13 +183,51 @@ def save_checkpoint(path, model, optimizer=None, epoch=None, global_step=None, t
     return atomic_write(path, write)
 
 
+def _check_layout(f: h5py.File, path: Path, file_bytes: int) -> None:
+    """Refuse, before any data is read, what npgpt never writes and its checksums would not cover:
+    any link but a hard one (a soft link, an external link to another file), a dataset whose data
+    lies elsewhere (external storage, a virtual dataset), chunked, filtered or variable-length
+    data; and a dataset that declares more bytes than it stores, or more in all than the file holds."""
+    groups, datasets = [("", f)], []          # visititems goes by hard links, each object once
+    f.visititems(lambda name, obj: (groups if isinstance(obj, h5py.Group) else datasets).append((name, obj)))
+    for name, group in groups:
+        for key in group:
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                kind = {h5py.ExternalLink: "an external link", h5py.SoftLink: "a soft link"}.get(type(link), "a link")
+                raise CheckpointError(f"{path}: /{name + '/' if name else ''}{key} is {kind}; npgpt's checkpoints hold "
+                                      "no links, and the checksum does not cover what one points to")
+    total = 0
+    for name, ds in datasets:
+        if not isinstance(ds, h5py.Dataset):
+            raise CheckpointError(f"{path}: /{name} is a {type(ds).__name__}; expected groups and datasets")
+        dcpl = ds.id.get_create_plist()
+        if ds.is_virtual or dcpl.get_external_count():
+            raise CheckpointError(f"{path}: /{name} keeps its data in other files (a virtual dataset or external "
+                                  "storage); npgpt's checkpoints hold all their data")
+        if dcpl.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT) or dcpl.get_nfilters():
+            raise CheckpointError(f"{path}: /{name} is chunked or compressed; npgpt writes plain contiguous "
+                                  "datasets and reads only those")
+        if ds.dtype.kind not in "biuf":
+            raise CheckpointError(f"{path}: /{name} holds {ds.dtype}; npgpt's datasets hold numbers")
+        stored, declared = ds.id.get_storage_size(), math.prod(ds.shape or ()) * ds.dtype.itemsize
+        if stored < declared:
+            raise CheckpointError(f"{path}: /{name} of shape {ds.shape} declares {declared:,} bytes and stores "
+                                  f"{stored:,}; the checkpoint is damaged or crafted")
+        total += stored
+    if total > file_bytes:
+        raise CheckpointError(f"{path}: its datasets claim {total:,} bytes, more than the file's {file_bytes:,}; "
+                              "the checkpoint is damaged or crafted")
+
+
 @contextmanager
 def open_checkpoint(path):
     """The checkpoint's contents, validated, with every tensor still in the file (a LazyParam,
     which fills an array when asked): read them inside the with block."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    file_bytes = check_regular(path, "an npgpt .h5 checkpoint")        # is_hdf5 would block on a FIFO
     if not h5py.is_hdf5(path):
         foreign = _foreign(path)
         raise CheckpointError(f"{path}: {foreign}" if foreign else f"{path}: not an HDF5 file (empty, truncated or "
@@ -195,6 +238,7 @@ def open_checkpoint(path):
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     with f:
         try:
+            _check_layout(f, path, file_bytes)
             out = _contents(f, path)
         except CheckpointError:
             raise
@@ -241,8 +285,12 @@ def _contents(f: h5py.File, path: Path) -> dict:
         raise CheckpointError(f"{path}: checksum mismatch in its attributes or layout, the checkpoint is "
                               "corrupted")
     try:
-        cfg = GPTConfig.from_dict(json.loads(_text(f.attrs["config"])))
+        recorded = parse_json(_text(f.attrs["config"]), path, "a config attribute: a GPTConfig as JSON")
     except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        cfg = GPTConfig.from_dict(recorded)
+    except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     dtype = _text(f.attrs["dtype"])
     if dtype not in ("float32", "float64"):
@@ -256,7 +304,12 @@ def _contents(f: h5py.File, path: Path) -> dict:
         if decay not in DECAY_GROUPS:
             raise CheckpointError(f"{path}: optimizer decay {decay!r}; expected one of {DECAY_GROUPS}")
         out["optimizer"]["decay"] = decay
-        scaler = json.loads(_text(g.attrs["grad_scaler"])) if "grad_scaler" in g.attrs else None
+        step = out["optimizer"]["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) \
+                or step < 0 or step != int(step):
+            raise CheckpointError(f"{path}: optimizer step {step!r}; expected a whole number >= 0")
+        out["optimizer"]["step"] = int(step)
+        scaler = parse_json(_text(g.attrs["grad_scaler"]), path, "a GradScaler state as JSON") if "grad_scaler" in g.attrs else None
         numbers = isinstance(scaler, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    and np.isfinite(v) for v in scaler.values())
         if scaler is not None and not (numbers and scaler.get("scale", 0) > 0):
@@ -277,7 +330,7 @@ def _contents(f: h5py.File, path: Path) -> dict:
                                       "and npgpt writes every tensor in it")
     t = f["train_state"]
     try:
-        schedule = Schedule.from_dict(json.loads(_text(t.attrs["schedule"]))) if "schedule" in t.attrs else None
+        schedule = Schedule.from_dict(parse_json(_text(t.attrs["schedule"]), path, "a schedule attribute as JSON")) if "schedule" in t.attrs else None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its train_state's schedule is not valid ({e})") from None
     state = TrainState(epoch=int(t.attrs["epoch"]), global_step=int(t.attrs["global_step"]),
@@ -292,8 +345,8 @@ def _contents(f: h5py.File, path: Path) -> dict:
     if "hellaswag" in t:
         state.hellaswag = [{"step": int(step), "n": int(n), "acc": acc, "acc_norm": acc_norm}
                            for step, n, acc, acc_norm in t["hellaswag"][()].reshape(-1, len(_HELLASWAG)).tolist()]
-    out["state"], out["rng"] = state, json.loads(_text(t.attrs["rng"]))
-    out["run"] = json.loads(_text(t.attrs["run"])) if "run" in t.attrs else {}
+    out["state"], out["rng"] = state, parse_json(_text(t.attrs["rng"]), path, "an rng attribute as JSON")
+    out["run"] = parse_json(_text(t.attrs["run"]), path, "a run attribute as JSON") if "run" in t.attrs else {}
     for key in ("rng", "run"):
         if not isinstance(out[key], dict):
             raise CheckpointError(f"{path}: train_state's {key} attribute holds a JSON {type(out[key]).__name__}; "
@@ -323,7 +376,7 @@ def load_checkpoint(path, backend="numpy", dtype=None, device=None, **torch_opti
         try:
             if rng.get("backend") == model.backend and rng.get("state") is not None:
                 model.set_rng_state(rng["state"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
             raise CheckpointError(f"{path}: its {model.backend} RNG state cannot be restored "
                                   f"({type(e).__name__}: {e})") from None
         if ckpt["optimizer"] is not None:

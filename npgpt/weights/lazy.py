@@ -4,15 +4,22 @@ torch state_dicts, and building a model whose parameters are filled from lazy te
 The readers of the file formats (safetensors.py, tfbundle.py, TorchReader below) know shapes
 and dtypes up front and read data only when asked, so a loader holds at most one tensor besides
 the model. Pickles are never run: torch.load(weights_only=True).
+
+Nothing a file declares is trusted before it is checked against the bytes the file holds: each
+reader checks every tensor's offsets and size against its file when it opens it, and
+check_stored() the whole model's size against the files' before a byte of the model is allocated.
 """
 from __future__ import annotations
 
+import math
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import GPTConfig
+from ..files import check_regular
 from ..params import check_params, param_shapes
 
 
@@ -57,6 +64,19 @@ def build_loaded_model(cfg: GPTConfig, params: dict, backend="numpy", dtype="flo
     return model
 
 
+def check_stored(params: dict, file_bytes: int, where) -> None:
+    """Refuse weights that declare more data than their files hold. Every parameter is a float of 2
+    bytes or more in the file (float16, bfloat16, float32, float64) and no two share bytes (a
+    tied head is one tensor), so params need at least 2 bytes an element of file_bytes. A file
+    whose tensors alias one another (a stride-0 view, two names on one storage, overlapping
+    offsets) or declare sizes it does not hold is refused here, before the model, which costs at
+    most 4 times file_bytes in float64, is allocated."""
+    elements = sum(math.prod(np.shape(p)) for p in params.values())
+    if 2 * elements > file_bytes:
+        raise ValueError(f"{where}: its tensors declare {elements:,} weights, at least {2 * elements:,} bytes, "
+                         f"but its files hold {file_bytes:,} bytes; the file is damaged or crafted")
+
+
 def read_exact(f, offset: int, out: np.ndarray) -> None:
     """Read out.nbytes bytes of the unbuffered file f at offset straight into the contiguous array out."""
     view = memoryview(out.reshape(-1).view(np.uint8))
@@ -75,6 +95,7 @@ class Reader:
 
     def __init__(self):
         self.info = {}                 # name -> (dtype, shape)
+        self.file_bytes = 0            # the size of the files the tensors are read from
 
     def read(self, name) -> np.ndarray:
         raise NotImplementedError
@@ -86,6 +107,24 @@ class Reader:
         pass
 
 
+def _check_stored_members(path) -> None:
+    """torch.save writes its zip archive uncompressed, and torch.load(mmap=True) maps each tensor's
+    member as it lies in the file, so a compressed member (a legal zip: re-zipping tools make
+    them) would be read as other numbers. Such a file is refused rather than decompressed: a
+    DEFLATE member can expand a thousandfold, beyond what the file's size lets a reader bound."""
+    if not zipfile.is_zipfile(path):
+        return                                  # torch's legacy format, or not torch's at all
+    try:
+        with zipfile.ZipFile(path) as z:
+            packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a PyTorch state_dict npgpt can read (a damaged zip archive: {e})") from None
+    if packed:
+        raise ValueError(f"{path}: its zip archive holds {len(packed)} compressed members ({packed[0]}, ...); "
+                         "torch.save stores them uncompressed and npgpt reads only those: re-save it with "
+                         "torch.save, or re-zip it without compression (zip -0)")
+
+
 class TorchReader(Reader):
     """A state_dict from torch.load(..., weights_only=True): plain tensors, no pickled code."""
 
@@ -93,6 +132,7 @@ class TorchReader(Reader):
         super().__init__()
         import torch
         self.where, self.state = where, state
+        self.file_bytes = Path(where).stat().st_size
         for name, t in state.items():
             kind = str(t.dtype).replace("torch.", "")
             try:
@@ -121,8 +161,9 @@ def torch_file(path):
     import pickle
     import warnings
     import torch
-    if Path(path).stat().st_size == 0:
+    if check_regular(path, "a PyTorch state_dict") == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes); expected a PyTorch state_dict")
+    _check_stored_members(path)
     try:
         # torch's warnings and errors advise unpickling the file anyway: npgpt says its own line instead
         with warnings.catch_warnings():

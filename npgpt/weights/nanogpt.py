@@ -15,7 +15,7 @@ pytorch_model.bin by the c_attn weight's shape: (3C, C) here, Conv1D's (C, 3C) t
 from __future__ import annotations
 
 from ..config import GPTConfig
-from .lazy import TorchReader, state_dict_of
+from .lazy import TorchReader, check_stored, state_dict_of
 from .names import hf_source, map_params
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -78,4 +78,6 @@ def open_nanogpt(obj, path, n_heads=None, drop_rate=None):
         cfg = GPTConfig(**fields, tie_weights=True, emb_init_std=0.02)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: its hyperparameters do not make a GPT-2 ({e})") from None
-    return cfg, map_params(reader, cfg, nanogpt_source, IGNORED)
+    params = map_params(reader, cfg, nanogpt_source, IGNORED)
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
-from ..files import atomic_write
+from ..files import atomic_write, check_regular, load_json, open_regular, parse_json
 from .checkpoint import open_checkpoint
 from . import nanogpt
 from .hub import weights_path
-from .lazy import TorchReader, build_loaded_model, state_dict_of, torch_file, torch_state_dict
+from .lazy import TorchReader, build_loaded_model, check_stored, state_dict_of, torch_file, torch_state_dict
 from .llmc import is_llmc_file, open_llmc
 from .safetensors import SafetensorsReader, ShardedSafetensorsReader, write_safetensors
 from .tfbundle import TFBundleReader, checkpoint_prefix
@@ -71,10 +71,7 @@ def _recorded_config(cfg: GPTConfig, n_heads, drop_rate, where) -> GPTConfig:
 
 def _json_object(path: Path, expected: str) -> dict:
     """A JSON file that must hold an object (a dict); anything else is a ValueError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:                                       # not JSON, or not UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    value = load_json(path, expected)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}; expected {expected}")
     return value
@@ -114,7 +111,9 @@ def _open_openai(stack, folder: Path, n_heads, drop_rate, verify):
                       tie_weights=True, drop_rate=_drop(drop_rate))
     reader = TFBundleReader(checkpoint_prefix(folder), verify)
     stack.callback(reader.close)
-    return cfg, map_params(reader, cfg, openai_source)
+    params = map_params(reader, cfg, openai_source)
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _hf_config(path: Path, n_heads, drop_rate) -> GPTConfig:
@@ -159,8 +158,10 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
     if (folder / "config.json").is_file():
         cfg = _hf_config(folder / "config.json", n_heads, drop_rate)
     elif getattr(reader, "metadata", {}).get("npgpt_config"):          # written by save_safetensors
+        recorded = parse_json(reader.metadata["npgpt_config"], reader.where,
+                              "an npgpt_config in its metadata: a GPTConfig as JSON")
         try:
-            recorded = GPTConfig.from_dict(json.loads(reader.metadata["npgpt_config"]))
+            recorded = GPTConfig.from_dict(recorded)
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{reader.where}: its npgpt_config metadata is not a valid config ({e})") from None
         cfg = _recorded_config(recorded, n_heads, drop_rate, reader.where)
@@ -178,7 +179,9 @@ def _open_hf(stack, path: Path, n_heads, drop_rate):
         ignore += (rf"{re.escape(prefix)}h\.\d+\.attn\.c_attn\.bias",)
     if not cfg.bias:                       # and for every other bias
         ignore += (rf"{re.escape(prefix)}(h\.\d+\.)?[\w.]+\.bias",)
-    return cfg, map_params(reader, cfg, lambda n: hf_source(n, prefix), ignore)
+    params = map_params(reader, cfg, lambda n: hf_source(n, prefix), ignore)
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _open_book(path: Path, n_heads, drop_rate):
@@ -192,7 +195,9 @@ def _open_book(path: Path, n_heads, drop_rate):
                       n_layers=_count_blocks(names, r"trf_blocks\.(\d+)\."),
                       qkv_bias="trf_blocks.0.att.W_query.bias" in names, tie_weights="out_head.weight" not in names,
                       drop_rate=_drop(drop_rate))
-    return cfg, map_params(reader, cfg, book_source, ignore=(r"trf_blocks\.\d+\.att\.mask",))
+    params = map_params(reader, cfg, book_source, ignore=(r"trf_blocks\.\d+\.att\.mask",))
+    check_stored(params, reader.file_bytes, reader.where)
+    return cfg, params
 
 
 def _open_npgpt(stack, path: Path, n_heads, drop_rate):
@@ -217,10 +222,12 @@ def detect_format(path) -> str:
     if not path.is_file():
         if Path(f"{path}.index").is_file():                        # a checkpoint prefix: .../model.ckpt
             return "openai"
+        if path.exists():
+            check_regular(path, "a weight file")                   # a FIFO or a device: refused by name
         raise FileNotFoundError(f"weights not found: {path}")
     if path.name.endswith(".index") or path.name.startswith("model.ckpt"):
         return "openai"
-    with open(path, "rb") as f:
+    with open_regular(path, "a weight file") as f:
         magic = f.read(8)
     if magic == b"\x89HDF\r\n\x1a\n":
         return "npgpt"

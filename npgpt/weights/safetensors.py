@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write, load_json, open_regular, parse_json
 from .lazy import Reader, read_exact
+
+# The format allows headers of up to 100 MB; GPT-2 1.5B's is 60 kB. Python's JSON objects cost up to
+# about 20 times the text they come from, so npgpt reads headers of up to 16 MiB.
+MAX_HEADER_BYTES = 16 << 20
 
 # bfloat16 has no NumPy dtype: its 2-byte words are read as uint16 and widened to float32
 ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -54,15 +59,13 @@ class SafetensorsReader(Reader):
 
     def __init__(self, path):
         super().__init__()
-        self.where, size = str(path), Path(path).stat().st_size
-        with open(path, "rb") as f:
+        self.where = str(path)
+        with open_regular(path, "a safetensors file") as f:
+            size = self.file_bytes = os.fstat(f.fileno()).st_size
             n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
-            if not 0 < n <= min(size - 8, 1 << 27):
+            if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+            header = parse_json(f.read(n), path, "the JSON header of a safetensors file")
         if not isinstance(header, dict):
             raise ValueError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
                              "expected an object of tensors)")
@@ -91,7 +94,7 @@ class SafetensorsReader(Reader):
             if start < end:
                 raise ValueError(f"{path}: the data of {a} (ending at {end}) and {b} (starting at {start}) "
                                  "overlap; each tensor must have bytes of its own")
-        self.f = open(path, "rb", buffering=0)
+        self.f = open_regular(path, "a safetensors file", buffering=0)
 
     def read(self, name):
         offset, dtype, bf16 = self.offsets[name]
@@ -116,11 +119,8 @@ class ShardedSafetensorsReader(Reader):
     def __init__(self, index: Path):
         super().__init__()
         self.where = str(index.parent)
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (ValueError, AttributeError) as e:            # not JSON, not UTF-8, not an object
-            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with a weight_map; "
-                             f"{type(e).__name__}: {e})") from None
+        value = load_json(index, "a safetensors index (a JSON object with a weight_map)")
+        weight_map = value.get("weight_map") if isinstance(value, dict) else None
         beside = lambda f: isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")
         if not isinstance(weight_map, dict) or not all(beside(f) for f in weight_map.values()):
             raise ValueError(f"{index}: its weight_map is {_short(weight_map)}; expected an object of "
@@ -133,6 +133,7 @@ class ShardedSafetensorsReader(Reader):
                 if name not in self.shards[file].info:
                     raise ValueError(f"{index}: its weight_map puts {name} in {file}, which does not hold it")
                 self.info[name] = self.shards[file].info[name]
+            self.file_bytes = sum(shard.file_bytes for shard in self.shards.values())
         except BaseException:
             self.close()
             raise

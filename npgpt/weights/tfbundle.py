@@ -5,7 +5,9 @@ The .index file is a LevelDB-format table (an SSTable): data blocks of prefix-co
 index block. Each value is a protobuf BundleEntryProto saying where a tensor's raw bytes lie in
 the .data shards, with their crc32c; the entry with key "" is the BundleHeaderProto. Blocks and
 tensors are checksummed with CRC-32C, stored masked. Protobuf and the table format are parsed
-here by hand, as far as tensor bundles use them.
+here by hand, as far as tensor bundles use them. The footer has no checksum: anything wrong in
+what it points to is a ValueError naming the file, as is any tensor whose bytes lie outside its
+.data file.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import check_regular, open_regular, read_bounded
 from .lazy import Reader, read_exact
+
+MAX_INDEX_BYTES = 64 << 20      # GPT-2 1.5B's index is 20 kB: a name and a few numbers per tensor
 
 # ---- CRC-32C ----
 
@@ -147,16 +152,23 @@ def _block_entries(block: bytes):
 
 def read_table(path) -> dict[str, bytes]:
     """All entries of a TensorFlow (LevelDB-format) table: footer -> index block -> data blocks."""
-    data = Path(path).read_bytes()
+    data = read_bounded(path, "a TensorFlow checkpoint index", MAX_INDEX_BYTES)
     if len(data) < 48 or int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
         raise ValueError(f"{path}: not a TensorFlow checkpoint index (no table magic number at its end)")
     footer = data[-48:]
-    _, pos = _varint(footer, 0)                                   # metaindex handle: no filters here
-    _, pos = _varint(footer, pos)
-    entries = {}
-    for _, handle in _block_entries(_table_block(data, footer[pos:], str(path))):
-        for key, value in _block_entries(_table_block(data, handle, str(path))):
-            entries[key.decode()] = value
+    try:
+        _, pos = _varint(footer, 0)                                   # metaindex handle: no filters here
+        _, pos = _varint(footer, pos)
+        entries = {}
+        for _, handle in _block_entries(_table_block(data, footer[pos:], str(path))):
+            for key, value in _block_entries(_table_block(data, handle, str(path))):
+                entries[key.decode("utf-8")] = value
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: a tensor name is not UTF-8 ({e.reason}); the index is damaged") from None
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: damaged TensorFlow checkpoint index ({e})") from None
     return entries
 
 
@@ -167,11 +179,12 @@ def checkpoint_prefix(folder: Path) -> Path:
     ('model_checkpoint_path: "model.ckpt"'), else model.ckpt, else the folder's only *.index."""
     prefix = folder / "model.ckpt"
     if (folder / "checkpoint").is_file():
-        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', (folder / "checkpoint").read_text(), re.M)
+        text = read_bounded(folder / "checkpoint", "a TensorFlow checkpoint file", 1 << 20)
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', text.decode("utf-8", "replace"), re.M)
         if m:
             prefix = folder / Path(m.group(1)).name
     if not Path(f"{prefix}.index").is_file():
-        indexes = sorted(folder.glob("*.index"))
+        indexes = sorted(p for p in folder.glob("*.index") if p.is_file())
         if len(indexes) != 1:
             raise ValueError(f"{folder}: expected one TensorFlow index (model.ckpt.index), found {indexes}")
         prefix = indexes[0].with_suffix("")
@@ -190,8 +203,17 @@ class TFBundleReader(Reader):
         super().__init__()
         self.where, self.verify, self.files, self.entries = str(prefix), verify, {}, {}
         table = read_table(f"{prefix}.index")
+        try:
+            self._entries(prefix, table)
+        except (ValueError, TypeError) as e:    # a protobuf that does not parse, or fields of the wrong type
+            if str(e).startswith(str(prefix)):
+                raise
+            raise ValueError(f"{prefix}.index: damaged TensorFlow checkpoint index ({e})") from None
+
+    def _entries(self, prefix: Path, table: dict) -> None:
         header = _proto(table.pop("", b""))
         num_shards, order = header.get(1, [1])[0], ">" if header.get(2, [0])[0] else "<"
+        sizes = {}                                     # data file -> its size
         for name, value in table.items():
             e = _proto(value)
             if 7 in e:
@@ -205,14 +227,20 @@ class TFBundleReader(Reader):
             shard, offset, size = (e.get(i, [0])[0] for i in (3, 4, 5))
             if size != math.prod(shape) * dtype.itemsize or shard >= num_shards:
                 raise ValueError(f"{prefix}: {name} of shape {shape} has {size} bytes in shard {shard}")
+            path = Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+            if path not in sizes:
+                sizes[path] = check_regular(path, "a TensorFlow checkpoint's data file")
+            if offset + size > sizes[path]:
+                raise ValueError(f"{path}: {name} lies at bytes {offset}..{offset + size}, past the end of the "
+                                 f"file ({sizes[path]} bytes)")
             self.info[name] = (dtype.newbyteorder("="), shape)
-            self.entries[name] = (dtype, Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"), offset,
-                                  e.get(6, [None])[0])
+            self.entries[name] = (dtype, path, offset, e.get(6, [None])[0])
+        self.file_bytes = sum(sizes.values())
 
     def _read(self, name, out):
         dtype, path, offset, masked = self.entries[name]
         if path not in self.files:
-            self.files[path] = open(path, "rb", buffering=0)
+            self.files[path] = open_regular(path, "a TensorFlow checkpoint's data file", buffering=0)
         read_exact(self.files[path], offset, out)
         if self.verify and masked is not None and crc32c(out) != unmask_crc(masked):
             raise ValueError(f"{self.where}: {name} fails its crc32c check; the data file is damaged")
