@@ -102,7 +102,8 @@ def _data(s: RunSettings, tok, ranks):
                                     seed=s.seed)
     if ranks is not None:
         train, val = ranks.shard(train), ranks.shard(val)
-    return train, val, f"{len(train)} train / {len(val)} val batches of {B}x{T} tokens, {s.epochs} epochs"
+    return train, val, (f"{len(train)} train / {len(val)} val batches of {B}x{T} tokens, {s.epochs} "
+                        f"epoch{'s' if s.epochs != 1 else ''}")
 
 
 def _hellaswag(s: RunSettings, tok):
@@ -142,17 +143,17 @@ def cmd_train(s: RunSettings) -> int:
     ckpt_path = out / "checkpoint.h5"
     if is_main:
         check_out(s, ckpt_path)
-        if s.backend == "numpy":
-            from ..numpy_backend import threads
-            print(f"npgpt: numpy backend: {threads.describe()}", file=sys.stderr)
     tok = run_tokenizer(s.init_from)
     examples = _hellaswag(s, tok)
     train_batches, val_batches, described = _data(s, tok, ranks)    # sized and checked before the model exists
     total_steps = s.max_steps or s.epochs * len(train_batches)
     if s.cosine and s.lr_decay_steps is None:                      # the cosine's length: the run's, by default
         s = dataclasses.replace(s, lr_decay_steps=total_steps)
-    if is_main:
+    if is_main:                                 # the first lines: the settings complete, where the math runs
         print(f"npgpt: run: {s.as_command()}", file=sys.stderr)
+        if s.backend == "numpy":
+            from ..numpy_backend import threads
+            print(f"npgpt: numpy backend: {threads.describe()}", file=sys.stderr)
     model, opt, state = _model(s, device)
     cfg = model.cfg
     _schedule(s, state)
