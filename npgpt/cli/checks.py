@@ -54,8 +54,8 @@ def check_run(a, cfg, changes: dict) -> None:
                          "--hellaswag FILE")
     if a.hellaswag is not None and not os.path.isfile(a.hellaswag):
         raise ValueError(f"--hellaswag {a.hellaswag}: no such file")
-    torch_only = [f"--{k.replace('_', '-')}" for k in ("autocast", "compile", "grad_accum")
-                  if getattr(a, k) not in (None, False, 1)]
+    torch_only = [flag for flag, on in (("--autocast", a.autocast), ("--compile", a.compile is True),
+                                        ("--grad-accum", a.grad_accum != 1)) if on]
     if torch_only and a.backend != "torch":
         raise ValueError(f"{torch_only[0]} needs --backend torch")
     if a.kernels != "fast" and a.backend != "numpy":
