@@ -59,9 +59,10 @@ def unknown_option(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     dashed = "--" + bare.replace("_", "-")
     if dashed in options:
         return f"{said}: did you mean {dashed}? (npgpt's options are spelled with -, not _)"
-    close = difflib.get_close_matches(dashed, [o for o in options if o.startswith("--")], n=1, cutoff=0.6)
+    # compared without the dashes every long option shares, which would make any two look alike
+    close = difflib.get_close_matches(dashed[2:], [o[2:] for o in options if o.startswith("--")], n=1, cutoff=0.7)
     if close:
-        return f"{said}: did you mean {close[0]}?"
+        return f"{said}: did you mean --{close[0]}?"
     return f"{said} ({parser.prog} --help lists them)"
 
 
@@ -107,7 +108,7 @@ class Parser(argparse.ArgumentParser):
         refused = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '(.*?)'", message)
         if refused and (refused[1], refused[2]) in VALUES:
             message = f"{message.split(' (choose')[0]}: {VALUES[refused[1], refused[2]]}"
-        elif refused and refused[1] == "command":
+        elif refused and hasattr(self, "subcommands"):
             close = difflib.get_close_matches(refused[2], getattr(self, "subcommands", {}), n=1)
             message = f"{message}{f'; did you mean {close[0]}?' if close else ''}"
         flag = re.match(r"argument (--[\w-]+)/(--no-[\w-]+): ignored explicit argument '(.*)'", message)
