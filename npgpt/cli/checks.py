@@ -20,7 +20,7 @@ def check_run(a, cfg, changes: dict) -> None:
         if value is not None and (isinstance(value, bool) or not ok(value)):
             raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
     for key in ("epochs", "max_steps", "batch_size", "max_length", "stride", "eval_freq", "eval_every",
-                "eval_iter", "grad_accum", "lr_decay_steps", "log_every"):
+                "eval_iter", "grad_accum", "lr_decay_steps"):
         check(key, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
     for key in ("save_every", "warmup"):
         check(key, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
@@ -47,8 +47,9 @@ def check_run(a, cfg, changes: dict) -> None:
     if a.max_length > cfg.context_length:
         raise ValueError(f"--max-length {a.max_length} exceeds the model's context length {cfg.context_length}")
     check("start_context", lambda v: v.strip() != "", "some text (the samples continue it)")
-    if a.log_every is not None and a.progress:
-        raise ValueError(f"--log-every {a.log_every}: the lines replace the progress bar: give --no-progress")
+    if a.log_every is not None and (a.log_every < 1 or a.progress):
+        raise ValueError(f"--log-every {a.log_every}: " + ("expected a positive number of steps" if a.log_every < 1
+                         else "the lines replace the progress bar: give --no-progress"))
     if a.hellaswag_limit is not None and (a.hellaswag is None or a.hellaswag_limit < 1):
         raise ValueError(f"--hellaswag-limit {a.hellaswag_limit}: expected a positive number of examples of a "
                          "--hellaswag FILE")
