@@ -26,8 +26,9 @@ def test_a_default_process_runs_the_pool_on_every_cpu_it_may_use():
     on any machine the benchmarks ran on), not the single thread of an install without threadpoolctl."""
     env = {k: v for k, v in os.environ.items() if k != "NPGPT_NUM_THREADS"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", "from npgpt.numpy_backend import threads; print(threads.num_threads())"],
-                         capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+    code = "from npgpt.numpy_backend import threads; print(threads.num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         check=True).stdout
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert int(out) == cpus
     if cpus >= 2:

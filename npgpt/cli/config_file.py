@@ -6,8 +6,9 @@ The file holds any `npgpt train` option under its flag's name, without the leadi
     max-steps = 19073
     lr = 6e-4
     cosine = true           # a switch: true or false (no-progress = true is progress = false)
-Options given on the command line override the file's (--no-cosine turns the file's cosine off). A key that is no option of `npgpt train`,
-or a value of the wrong type, is refused in one line naming the key and the file.
+Options given on the command line override the file's (--no-cosine turns the file's cosine off).
+A key that is no option of `npgpt train`, or a value of the wrong type, is refused in one line
+naming the key and the file.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ NOT_IN_FILES = ("config", "help")
 
 
 def load_config(path, parser: argparse.ArgumentParser) -> dict:
-    """The file's options as {dest: value}, under the flags given (resolve.py); ValueError naming the file and the key."""
+    """The file's options as {dest: value}, under the flags given (resolve.py); ValueError naming
+    the file and the key."""
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -43,9 +43,11 @@ def add_parsers(sub):
 
 def _model_source(p):
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="FILE", help="an npgpt .h5 checkpoint")
+    src.add_argument("--checkpoint", metavar="FILE", help="an npgpt .h5 checkpoint (no default: give it or "
+                                                          "--pretrained)")
     src.add_argument("--pretrained", metavar="PATH", help="weights: an OpenAI GPT-2 folder, a Hugging Face "
-                                                         "folder or .safetensors, a book .pth, an npgpt .h5")
+                                                         "folder or .safetensors, a book .pth, an npgpt .h5 (no "
+                                                         "default: give it or --checkpoint)")
     p.add_argument("--n-head", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
     p.add_argument("--backend", choices=("numpy", "torch"), help="default: the backend that trained a --checkpoint, "
                                                                    "else numpy")

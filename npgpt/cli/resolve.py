@@ -109,7 +109,8 @@ def saved_settings(ckpt, path) -> dict:
     saved.setdefault("sampling", "random")          # saved before --sampling: drawn at random
     s = ckpt["state"].schedule
     if s is not None:
-        saved.update(lr=s.peak_lr, warmup=s.warmup_steps, cosine=s.cosine, min_lr=s.min_lr, lr_decay_steps=s.decay_steps)
+        saved.update(lr=s.peak_lr, warmup=s.warmup_steps, cosine=s.cosine, min_lr=s.min_lr,
+                     lr_decay_steps=s.decay_steps)
     return saved
 
 
