@@ -120,7 +120,11 @@ def test_a_tiny_run_pasted_back_is_the_same_run(verdict_start, tmp_path, capsys)
     first = tmp_path / "first"
     assert main(["train", "--config", str(config), "--data", str(verdict_start(2000)), "--epochs", "2",
                  "--max-length", "16", "--start-context", "Every effort's \"moves\"", "--out", str(first)]) == 0
-    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("npgpt: run: "))
+    from npgpt.numpy_backend import threads
+    lines = capsys.readouterr().err.splitlines()             # the first lines: the settings, the pool, its BLAS
+    assert lines[0].startswith("npgpt: run: npgpt train ")
+    assert lines[1].startswith(f"npgpt: numpy backend: {threads.num_threads()} thread") and "BLAS " in lines[1]
+    line = lines[0]
     argv = shlex.split(line[len("npgpt: run: "):])
     assert argv[:2] == ["npgpt", "train"]
     for flag in ("--dtype", "--kernels", "--out", "--cosine", "--min-lr", "--lr-decay-steps", "--no-progress"):
