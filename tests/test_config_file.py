@@ -43,6 +43,7 @@ def test_a_switch_of_the_file_is_turned_off_by_its_no_flag(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("epoch = 3\n", "'epoch' is no option of npgpt train"),
     ("batch_size = 3\n", "'batch_size' is no option of npgpt train (write it 'batch-size')"),
+    ("max_iters = 3\n", "'max_iters' is no option of npgpt train (nanoGPT's max_iters is --max-steps)"),
     ("config = 'other.toml'\n", "'config' is no option of npgpt train"),
     ("epochs = 2.5\n", "epochs must be an integer, got 2.5"),
     ("epochs = true\n", "epochs must be an integer, got True"),

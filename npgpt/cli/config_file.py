@@ -16,6 +16,8 @@ import argparse
 import tomllib
 from pathlib import Path
 
+from .parser import NANOGPT, first_option
+
 NOT_IN_FILES = ("config", "help")
 
 
@@ -35,6 +37,8 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
         action = actions.get(key)
         if action is None:
             hint = f" (write it {key.replace('_', '-')!r})" if key.replace("_", "-") in actions else ""
+            if key in NANOGPT:          # nanoGPT's config files name its options so
+                hint = f" (nanoGPT's {key} is {first_option(NANOGPT[key], ['--' + k for k in actions])})"
             raise ValueError(f"{path}: {key!r} is no option of npgpt train{hint}")
         value = check_value(path, key, action, value)
         values[action.dest] = not value if key.startswith("no-") and "--" + key in action.option_strings[1:] \

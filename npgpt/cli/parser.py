@@ -54,9 +54,9 @@ def unknown_option(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     said = f"unrecognized option {name}"
     bare = name.lstrip("-")
     if name in LLMC and not name.startswith("--"):
-        return f"{said}: llm.c's {name} is {_first(LLMC[name], options)}"
+        return f"{said}: llm.c's {name} is {first_option(LLMC[name], options)}"
     if bare in NANOGPT:
-        return f"{said}: nanoGPT's {bare} is {_first(NANOGPT[bare], options)}"
+        return f"{said}: nanoGPT's {bare} is {first_option(NANOGPT[bare], options)}"
     dashed = "--" + bare.replace("_", "-")
     if dashed in options:
         return f"{said}: did you mean {dashed}? (npgpt's options are spelled with -, not _)"
@@ -67,7 +67,7 @@ def unknown_option(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     return f"{said} ({parser.prog} --help lists them)"
 
 
-def _first(target, options) -> str:
+def first_option(target, options) -> str:
     if isinstance(target, tuple):
         return next((t for t in target if t in options), target[0])
     return target
