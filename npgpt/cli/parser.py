@@ -68,6 +68,7 @@ def unknown_option(parser: argparse.ArgumentParser, extras: list[str]) -> str:
 
 
 def first_option(target, options) -> str:
+    """The flag a spelling maps to: of a tuple, the first one the command has."""
     if isinstance(target, tuple):
         return next((t for t in target if t in options), target[0])
     return target
