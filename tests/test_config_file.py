@@ -5,38 +5,45 @@ from pathlib import Path
 import pytest
 
 from npgpt.cli import build_parser, config_file, main
+from npgpt.cli.resolve import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(tmp_path, text, *flags):
-    """args as main() would see them: the file read into train's defaults, then the flags parsed."""
+    """The run's settings as main() resolves them: the flags given over the file's values."""
     path = tmp_path / "run.toml"
     path.write_text(text)
     parser = build_parser()
-    train = parser.subcommands["train"]
-    train.set_defaults(**config_file.load_config(path, train))
-    return parser.parse_args(["train", "--config", str(path), *flags])
+    args = parser.parse_args(["train", "--config", str(path), *flags])
+    return resolve(args, config_file.load_config(path, parser.subcommands["train"]))
 
 
 def test_the_file_sets_options_and_flags_override_it(tmp_path):
     text = 'preset = "tiny"\nepochs = 3\nlr = 1\ncosine = true\nbatch-size = 4\nkernels = "reference"\n'
-    args = parse(tmp_path, text)
-    assert (args.preset, args.epochs, args.lr, args.cosine, args.batch_size, args.kernels) == \
-        ("tiny", 3, 1.0, True, 4, "reference")
-    assert isinstance(args.lr, float)                    # an integer where a number is wanted
-    args = parse(tmp_path, text, "--epochs", "5", "--kernels", "fast")
-    assert (args.epochs, args.kernels, args.batch_size) == (5, "fast", 4)
+    s = parse(tmp_path, text)
+    assert (s.preset, s.epochs, s.lr, s.cosine, s.batch_size, s.kernels) == ("tiny", 3, 1.0, True, 4, "reference")
+    assert isinstance(s.lr, float)                       # an integer where a number is wanted
+    s = parse(tmp_path, text, "--epochs", "5", "--kernels", "fast")
+    assert (s.epochs, s.kernels, s.batch_size) == (5, "fast", 4)
 
 
-def test_a_false_flag_is_not_given(tmp_path):
-    args = parse(tmp_path, "cosine = false\noverwrite = false\n")
-    assert args.cosine is None and args.overwrite is False    # their defaults: as if left out
+def test_a_switch_of_the_file_is_turned_off_by_its_no_flag(tmp_path):
+    """cosine = true in the file, --no-cosine on the command line: off (the flag wins), and the
+    other way round; no-progress = true is progress off."""
+    on = 'preset = "tiny"\ncosine = true\noverwrite = true\nno-progress = true\n'
+    s = parse(tmp_path, on)
+    assert (s.cosine, s.overwrite, s.progress) == (True, True, False)
+    s = parse(tmp_path, on, "--no-cosine", "--no-overwrite", "--progress")
+    assert (s.cosine, s.overwrite, s.progress) == (False, False, True)
+    s = parse(tmp_path, 'preset = "tiny"\ncosine = false\nprogress = false\n', "--cosine")
+    assert (s.cosine, s.progress) == (True, False)
 
 
 @pytest.mark.parametrize("text, message", [
     ("epoch = 3\n", "'epoch' is no option of npgpt train"),
     ("batch_size = 3\n", "'batch_size' is no option of npgpt train (write it 'batch-size')"),
+    ("max_iters = 3\n", "'max_iters' is no option of npgpt train (nanoGPT's max_iters is --max-steps)"),
     ("config = 'other.toml'\n", "'config' is no option of npgpt train"),
     ("epochs = 2.5\n", "epochs must be an integer, got 2.5"),
     ("epochs = true\n", "epochs must be an integer, got True"),

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import npgpt
 from npgpt.weights.checkpoint import read_checkpoint
 from npgpt.cli import main
-from npgpt.cli.train import _StopOnSignal
+from npgpt.cli.stop import StopOnSignal
 
 PACKAGE = Path(npgpt.__file__).resolve().parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -161,7 +161,7 @@ def test_a_signal_saves_the_step_reached_and_resume_continues(tmp_path, text, si
 def test_the_first_signal_sets_a_flag_the_second_interrupts():
     before = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.default_int_handler)          # a background job inherits SIG_IGN
-    with _StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
@@ -170,7 +170,7 @@ def test_the_first_signal_sets_a_flag_the_second_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)                     # nohup: an ignored signal stays ignored
     try:
-        with _StopOnSignal():
+        with StopOnSignal():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)

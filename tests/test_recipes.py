@@ -19,7 +19,7 @@ import pytest
 
 import npgpt
 from npgpt.cli import build_parser, config_file
-from npgpt.cli.run import resolve_run
+from npgpt.cli.resolve import resolve
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -30,11 +30,8 @@ def resolved(name, data, world=1, monkeypatch=None):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
     parser = build_parser()
-    train = parser.subcommands["train"]
-    train.set_defaults(**config_file.load_config(CONFIGS / name, train))
     args = parser.parse_args(["train", "--config", str(CONFIGS / name), "--data", str(data)])
-    resolve_run(args)
-    return args
+    return resolve(args, config_file.load_config(CONFIGS / name, parser.subcommands["train"]))
 
 
 def shards(folder):
@@ -53,6 +50,10 @@ def nanogpt_data(folder):
 
 
 def test_llmc_gpt2_124m_is_run_gpt2_124M_sh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                 # the config names HellaSwag's file where llm.c's script puts it
+    hellaswag = tmp_path / "dev" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+    hellaswag.parent.mkdir(parents=True)
+    hellaswag.write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')
     a = resolved("llmc-gpt2-124m.toml", shards(tmp_path / "fineweb10B"), world=8, monkeypatch=monkeypatch)
     cfg = a.cfg
     assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length) == (12, 768, 12, 1024)     # -e d12

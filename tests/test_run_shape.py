@@ -60,7 +60,7 @@ def test_the_shape_flags_override_the_preset(shards, tmp_path, capsys):
                  "--context-length", "32", "--vocab-size", "50304", "--qkv-bias", "--tie-weights",
                  "--drop-rate", "0.05") == 0
     err = capsys.readouterr().err
-    assert ("npgpt: model --n-layer 3 --n-head 4 --n-embd 16 --context-length 32 --vocab-size 50304 --qkv-bias "
+    assert ("--n-layer 3 --n-head 4 --n-embd 16 --context-length 32 --vocab-size 50304 --qkv-bias "
             "--bias --tie-weights --drop-rate 0.05") in err
     with h5py.File(out / "checkpoint.h5") as f:                       # shapes as h5py reads them
         shapes = {name: f["params"][name].shape for name in f["params"]}
@@ -185,7 +185,7 @@ def test_a_resume_keeps_the_torch_options(shards, tmp_path, capsys):
 def test_a_resume_on_another_number_of_processes_keeps_the_windows_of_a_step(shards, tmp_path, capsys, monkeypatch):
     """Saved by 2 processes x batch 2; resumed by 1 process it takes batch 4 (the same 4 windows of
     each step), by 4 processes batch 1; 3 processes cannot share 4 windows, and a text run refuses."""
-    from npgpt.cli.run import resolve_run
+    from npgpt.cli.resolve import resolve
     from npgpt.cli import build_parser
     out = tmp_path / "run"
     assert train(shards, out, "--preset", "tiny") == 0
@@ -199,9 +199,8 @@ def test_a_resume_on_another_number_of_processes_keeps_the_windows_of_a_step(sha
     def resolved(world, *extra):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        args = build_parser().parse_args(["train", "--resume", str(out / "checkpoint.h5"), *extra])
-        resolve_run(args)
-        return args.batch_size, args.world_size
+        settings = resolve(build_parser().parse_args(["train", "--resume", str(out / "checkpoint.h5"), *extra]), {})
+        return settings.batch_size, settings.world_size
     assert resolved(1) == (4, 1) and resolved(4) == (1, 4) and resolved(2) == (2, 2)
     with pytest.raises(ValueError, match="3 processes cannot share equally"):
         resolved(3)

@@ -329,7 +329,7 @@ def test_manifest_catches_a_missing_shard(corpus, tmp_path):
 
 def test_refuses_to_overwrite_unless_asked(corpus, tmp_path):
     prepare(corpus, tmp_path, shard_tokens=500, progress=False)
-    with pytest.raises(FileExistsError, match="corpus_manifest.json: already exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"corpus_manifest.json: already exists; give --overwrite \(in Python: overwrite=True\)"):
         prepare(corpus, tmp_path, progress=False)
     prepare(corpus, tmp_path, progress=False, overwrite=True)            # one train shard now
     assert [p.name for p in shard_files(tmp_path)] == ["corpus_val_000000.bin", "corpus_train_000001.bin"]

@@ -237,14 +237,15 @@ def test_bf16_greedy_logits_come_from_a_float32_head():
 @pytest.mark.parametrize("missing", ["no fast bf16 here"])
 def test_the_cli_refuses_bf16_on_a_cpu_without_it(monkeypatch, tmp_path, capsys, missing):
     """One line naming the lack and the float32 alternative, exit 2, before a model is built."""
-    from npgpt.cli import run
+    from npgpt.cli import train
     from npgpt.torch_backend import device
     monkeypatch.setattr(device, "cpu_bf16_missing", lambda: missing)
-    monkeypatch.setattr(run, "check_out", lambda *a: (_ for _ in ()).throw(SystemExit("checks passed")))
+    monkeypatch.setattr(train, "check_out", lambda *a: (_ for _ in ()).throw(SystemExit("checks passed")))
     argv = ["train", "--backend", "torch", "--device", "cpu", "--autocast", "bf16", "--out", str(tmp_path / "o")]
     if missing:
         assert npgpt.cli.main(argv) == 2
-        assert capsys.readouterr().err.strip() == "npgpt train: error: --autocast bf16: no fast bf16 here"
+        assert capsys.readouterr().err.strip() == \
+            "npgpt train: error: --autocast bf16: no fast bf16 here: train in float32 (leave --autocast out)"
     else:
         with pytest.raises(SystemExit, match="checks passed"):   # past the check, to the next one
             npgpt.cli.main(argv)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config_file, models, prepare, run, train
+from . import config_file, models, prepare, train, train_flags
+from .parser import Parser
+from .resolve import resolve
 
 def cmd_gradcheck(args):
     from ..gradcheck import run
@@ -23,12 +25,11 @@ COMMANDS = {"train": train.cmd_train, "generate": models.cmd_generate, "eval": m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npgpt", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run.add_parser(sub)
-    config_file.add_argument(sub.choices["train"])
-    parser.subcommands = sub.choices        # main() reads a --config file into train's defaults
+    parser = Parser(prog="npgpt", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action=argparse.BooleanOptionalAction, help="show tracebacks (default: off)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_flags.add_parser(sub)
+    parser.subcommands = sub.choices        # main() reads train's --config file; errors name the command
     models.add_parsers(sub)
     prepare.add_parser(sub)
     from ..gradcheck import add_arguments
@@ -42,10 +43,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = COMMANDS[args.command]
     try:
-        if getattr(args, "config", None):       # the file's options become defaults; flags given override them
-            train_parser = parser.subcommands["train"]
-            train_parser.set_defaults(**config_file.load_config(args.config, train_parser))
-            args = parser.parse_args(argv)
+        if args.command == "train":             # the settings resolved once: the flags over the --config file's
+            file_values = config_file.load_config(args.config, parser.subcommands["train"]) if args.config else {}
+            return command(resolve(args, file_values))
         return command(args)
     except KeyboardInterrupt as e:                  # a second Ctrl-C / SIGTERM while training: 130 / 143
         print("npgpt: interrupted", file=sys.stderr)

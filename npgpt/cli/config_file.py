@@ -5,9 +5,10 @@ The file holds any `npgpt train` option under its flag's name, without the leadi
     preset = "gpt2-small"
     max-steps = 19073
     lr = 6e-4
-    cosine = true           # a flag that takes no value: true or false
-Options given on the command line override the file's. A key that is no option of `npgpt train`,
-or a value of the wrong type, is refused in one line naming the key and the file.
+    cosine = true           # a switch: true or false (no-progress = true is progress = false)
+Options given on the command line override the file's (--no-cosine turns the file's cosine off).
+A key that is no option of `npgpt train`, or a value of the wrong type, is refused in one line
+naming the key and the file.
 """
 from __future__ import annotations
 
@@ -15,17 +16,14 @@ import argparse
 
 from ..files import load_toml
 
+from .parser import NANOGPT, first_option
+
 NOT_IN_FILES = ("config", "help")
 
 
-def add_argument(parser) -> None:
-    parser.add_argument("--config", metavar="FILE.toml",
-                        help="read options from a TOML file, each under its flag's name (e.g. max-steps = 1000); "
-                             "flags given here override it (examples: configs/ in the repository)")
-
-
 def load_config(path, parser: argparse.ArgumentParser) -> dict:
-    """The file's options as {dest: value}, for parser.set_defaults; ValueError naming the file and the key."""
+    """The file's options as {dest: value}, under the flags given (resolve.py); ValueError naming
+    the file and the key."""
     try:
         data = load_toml(path, "a readable TOML file")       # bounded: a FIFO, /dev/zero, deep nesting refused
     except FileNotFoundError:
@@ -41,8 +39,12 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
         action = actions.get(key)
         if action is None:
             hint = f" (write it {key.replace('_', '-')!r})" if key.replace("_", "-") in actions else ""
+            if key in NANOGPT:          # nanoGPT's config files name its options so
+                hint = f" (nanoGPT's {key} is {first_option(NANOGPT[key], ['--' + k for k in actions])})"
             raise ValueError(f"{path}: {key!r} is no option of npgpt train{hint}")
-        values[action.dest] = check_value(path, key, action, value)
+        value = check_value(path, key, action, value)
+        values[action.dest] = not value if key.startswith("no-") and "--" + key in action.option_strings[1:] \
+            else value                  # no-progress = true: --no-progress, the negative of --progress
     return values
 
 

@@ -1,6 +1,7 @@
 """`npgpt generate`, `eval` and `convert`: commands that load a trained or pretrained model."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -10,20 +11,23 @@ from pathlib import Path
 def add_parsers(sub):
     g = sub.add_parser("generate", help="continue a prompt")
     _model_source(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to add")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy, the most likely token each time")
+    g.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                   help="sample among the most likely tokens that hold probability P")
+    g.add_argument("--seed", type=int, default=123, help="the sampling's random numbers")
     e = sub.add_parser("eval", help="train/val loss and perplexity on a text, HellaSwag accuracy")
     _model_source(e)
     e.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: The Verdict, bundled, unless "
                                                  "--hellaswag alone is given), or a folder of token shards "
                                                  "(their val part)")
-    e.add_argument("--hellaswag", metavar="FILE", help="HellaSwag jsonl (hellaswag_val.jsonl): acc and acc_norm")
-    e.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples")
-    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--hellaswag", metavar="FILE", help="HellaSwag jsonl (hellaswag_val.jsonl): acc and acc_norm "
+                                                       "(default: none)")
+    e.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples "
+                                                                    "(default: all)")
+    e.add_argument("--batch-size", type=int, default=2, metavar="B", help="windows a forward pass")
     e.add_argument("--max-length", type=int, help="tokens per window, also the stride (default: a --checkpoint's "
                    "context length; 256 with --pretrained, the book's exercise 5.5)")
     c = sub.add_parser("convert", help="convert weights between formats")
@@ -34,24 +38,27 @@ def add_parsers(sub):
     c.add_argument("output", metavar="OUT", help="OUT.h5: npgpt checkpoint; OUT.safetensors: one file with "
                                                  "Hugging Face names; OUT.bin: an llm.c model file; anything "
                                                  "else: a Hugging Face folder")
-    c.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
+    c.add_argument("--n-head", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
     c.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
-                   help="of the written weights (bfloat16: an llm.c .bin only, its version 5; default float32, "
-                        "version 3)")
-    c.add_argument("--vocab-size", type=int, metavar="V", help="an llm.c IN: its V drops wte's padded rows (the "
-                                                               "default), its Vp keeps them")
-    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the input itself)")
+                   help="of the written weights (bfloat16: an llm.c .bin only, its version 5; default: float32, "
+                        "version 3 for a .bin)")
+    c.add_argument("--vocab-size", type=int, metavar="V", help="an llm.c IN: its V drops wte's padded rows, its Vp "
+                                                               "keeps them (default: V)")
+    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, help="replace OUT if it exists (never the "
+                                                                              "input itself) (default: off)")
 
 
 def _model_source(p):
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="FILE", help="an npgpt .h5 checkpoint")
+    src.add_argument("--checkpoint", metavar="FILE", help="an npgpt .h5 checkpoint (no default: give it or "
+                                                          "--pretrained)")
     src.add_argument("--pretrained", metavar="PATH", help="weights: an OpenAI GPT-2 folder, a Hugging Face "
-                                                         "folder or .safetensors, a book .pth, an npgpt .h5")
-    p.add_argument("--n-heads", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
+                                                         "folder or .safetensors, a book .pth, an npgpt .h5 (no "
+                                                         "default: give it or --checkpoint)")
+    p.add_argument("--n-head", type=int, help="attention heads, for a book .pth (default: emb_dim / 64)")
     p.add_argument("--backend", choices=("numpy", "torch"), help="default: the backend that trained a --checkpoint, "
                                                                    "else numpy")
-    p.add_argument("--device")
+    p.add_argument("--device", help="torch device: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
 
 
 
@@ -62,7 +69,7 @@ def _load_model(args):
     if args.pretrained:
         args.backend = args.backend or "numpy"
         model = npgpt.load_pretrained(args.pretrained, backend=args.backend, device=args.device,
-                                      n_heads=args.n_heads)
+                                      n_heads=args.n_head)
         tok = load_tokenizer(args.pretrained)
     else:
         if args.backend is None:
@@ -135,7 +142,7 @@ def cmd_convert(args):
     if args.dtype == "bfloat16" and not llmc:
         raise ValueError(f"--dtype bfloat16: {out} is not an llm.c .bin; npgpt's other formats hold float32 or "
                          "float64")
-    model = npgpt.load_pretrained(args.input, dtype="float32" if llmc else args.dtype, n_heads=args.n_heads,
+    model = npgpt.load_pretrained(args.input, dtype="float32" if llmc else args.dtype, n_heads=args.n_head,
                                   vocab_size=args.vocab_size)
     if llmc:
         from ..weights.llmc import write_llmc

@@ -163,8 +163,8 @@ def prepare(inputs, out_dir: str | os.PathLike, *, name: str | None = None, val_
         raise ValueError(f"{out}: not a folder")
     old = _outputs(out, name)
     if old and not overwrite:
-        raise FileExistsError(f"{old[0]}: already exists; pass overwrite=True (npgpt prepare --overwrite) "
-                              f"to replace the {name!r} shards in {out}")
+        raise FileExistsError(f"{old[0]}: already exists; give --overwrite (in Python: overwrite=True) to replace "
+                              f"the {name!r} shards in {out}")
     out.mkdir(parents=True, exist_ok=True)
 
     sizes = {f: f.stat().st_size for f in files}

@@ -12,8 +12,9 @@ BLAS call each. Left to itself, OpenBLAS would split every product over its own 
 then spin for a while after each call: on the 2 cores they compete with the pool's elementwise
 work, and on a machine busy with other work a product waits for its slowest, descheduled thread
 (a 124M step took 3 to 30 s here). One pool, whose threads sleep when idle and take the next
-block when done with one, degrades gracefully instead. Without threadpoolctl (which sets BLAS's
-thread count), the pool has one thread and BLAS keeps its own threads.
+block when done with one, degrades gracefully instead. threadpoolctl (an install requirement) sets
+BLAS's thread count; where it is missing (npgpt run from a bare source tree) the pool has one
+thread and BLAS keeps its own threads. $NPGPT_NUM_THREADS sets the pool's size.
 
 Determinism: blocks depend on the arrays' shapes and dtypes alone, never on the number of
 threads, and results come back in block order. Row-wise math gives the same bits whatever the
@@ -43,8 +44,21 @@ try:
 except ImportError:          # then BLAS keeps its own threads, and the pool has one
     ThreadpoolController = None
 
-_num_threads = int(os.environ.get("NPGPT_NUM_THREADS", 0)) or \
-    (len(os.sched_getaffinity(0)) if ThreadpoolController is not None else 1)
+
+
+def default_num_threads() -> int:
+    """$NPGPT_NUM_THREADS, else the CPUs this process may use: its affinity where the platform has
+    one (Linux), else every CPU (macOS and Windows have no os.sched_getaffinity); 1 without threadpoolctl."""
+    if os.environ.get("NPGPT_NUM_THREADS"):
+        return int(os.environ["NPGPT_NUM_THREADS"])
+    if ThreadpoolController is None:
+        return 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_num_threads = default_num_threads()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _blas = None                 # the ThreadpoolController, made on first use
@@ -53,6 +67,20 @@ _blas_depth = 0
 
 def num_threads() -> int:
     return _num_threads
+
+
+def describe() -> str:
+    """The pool's size and the BLAS under NumPy, as `npgpt train` prints them first, e.g. "2 threads
+    (the CPUs this process may use), BLAS openblas 0.3.27 (pthreads, 2 threads; 1 a call while the
+    model computes)"."""
+    source = "NPGPT_NUM_THREADS" if os.environ.get("NPGPT_NUM_THREADS") else "the CPUs this process may use"
+    if ThreadpoolController is None:
+        return (f"{_num_threads} thread{'s' if _num_threads > 1 else ''}: threadpoolctl is not installed "
+                "(pip install threadpoolctl), so BLAS keeps its own threads")
+    from threadpoolctl import threadpool_info
+    blas = [f"{i['internal_api']} {i['version']} ({i.get('threading_layer', '?')}, {i['num_threads']} threads; 1 a "
+            "call while the model computes)" for i in threadpool_info() if i["user_api"] == "blas"]
+    return f"{_num_threads} thread{'s' if _num_threads > 1 else ''} ({source}), BLAS {', '.join(blas) or 'unknown'}"
 
 
 def set_num_threads(n: int) -> None:

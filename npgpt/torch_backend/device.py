@@ -21,7 +21,7 @@ def cpu_bf16_missing() -> str | None:
         return None
     return (f"this CPU has no fast bf16 matrix products (torch reports {torch.backends.cpu.get_cpu_capability()}, "
             "oneDNN bf16: no; it needs AVX-512, AVX512-BF16 or AMX), so bf16 autocast would run many times "
-            "slower than float32: train in float32 (leave --autocast out)")
+            "slower than float32")
 
 
 def cuda_bf16_missing(device: torch.device) -> str | None:

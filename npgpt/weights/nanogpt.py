@@ -68,7 +68,7 @@ def open_nanogpt(obj, path, n_heads=None, drop_rate=None):
         (V, C), (T, _) = shapes["transformer.wte.weight"], shapes["transformer.wpe.weight"]
         if n_heads is None and C % 64:
             raise ValueError(f"{path}: the file does not record the number of attention heads and n_embd {C} is "
-                             "not a multiple of 64; pass n_heads (--n-heads)")
+                             "not a multiple of 64; pass n_heads (--n-head)")
         layers = {int(n.split(".")[2]) for n in shapes if n.startswith("transformer.h.")}
         bias = "transformer.ln_f.bias" in shapes
         fields = dict(vocab_size=V, context_length=T, emb_dim=C, n_heads=n_heads or C // 64,

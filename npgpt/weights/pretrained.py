@@ -54,7 +54,7 @@ def _default_heads(emb_dim: int, n_heads: int | None, where: str) -> int:
         return n_heads
     if emb_dim % 64:
         raise ValueError(f"{where}: the file does not record the number of attention heads and emb_dim "
-                         f"{emb_dim} is not a multiple of 64; pass n_heads (--n-heads)")
+                         f"{emb_dim} is not a multiple of 64; pass n_heads (--n-head)")
     return emb_dim // 64
 
 
