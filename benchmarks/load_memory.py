@@ -25,7 +25,7 @@ import numpy as np
 import npgpt
 from npgpt.weights.lazy import LazyParam
 from npgpt.weights.names import hf_source
-from npgpt.weights.pretrained import hf_config
+from npgpt.weights.export import hf_config
 from npgpt.weights.safetensors import write_safetensors
 
 

@@ -20,7 +20,8 @@ _HOMES = {
     ".training.perf": ("peak_flops",),
     ".training.schedule": ("warmup_cosine_lr",),
     ".weights.checkpoint": ("load_checkpoint", "save_checkpoint"),
-    ".weights.pretrained": ("export_hf", "load_pretrained"),
+    ".weights.export": ("export_hf",),
+    ".weights.pretrained": ("load_pretrained",),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

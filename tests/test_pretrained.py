@@ -501,7 +501,8 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, fmt):
     if fmt == "h5":
         npgpt.save_checkpoint(path, model)
     else:
-        npgpt.weights.pretrained.save_safetensors(model, path)
+        from npgpt.weights.export import save_safetensors
+        save_safetensors(model, path)
     weights = npgpt.num_params(cfg) * 4
     del model
     tracemalloc.start()

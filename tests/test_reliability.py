@@ -441,7 +441,7 @@ def test_writing_safetensors_holds_one_transposed_tensor_not_a_copy_of_the_model
     """save_safetensors (convert, export_hf) of a NumPy model: the weights are written from the
     model's own buffer, each Conv1D weight transposed when it is written (c_fc: 7% of this model)."""
     import tracemalloc
-    from npgpt.weights.pretrained import save_safetensors
+    from npgpt.weights.export import save_safetensors
     cfg = npgpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=4, tie_weights=True)
     model = npgpt.build_model(cfg, seed=1)
     weights = model.flat_params.nbytes

@@ -132,7 +132,7 @@ def cmd_eval(args):
 
 def cmd_convert(args):
     import npgpt
-    from ..weights.pretrained import save_safetensors
+    from ..weights.export import save_safetensors
     src, out = Path(args.input), Path(args.output)
     if out.exists() and src.exists() and (os.path.samefile(src, out) or src.resolve() in out.resolve().parents):
         raise ValueError(f"{out}: is the input {src} (or inside it); write the converted weights elsewhere")
