@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import npgpt
 from npgpt import gradcheck as G
-from npgpt.numpy_backend import reference as R
+from npgpt.numpy_backend import reference as R, reference_optim
 from parity.helpers import assert_close, single_thread
 
 B, T, C, NH = 2, 5, 6, 3
@@ -171,7 +171,7 @@ def test_reference_functions_leave_their_arguments_alone():
     np.testing.assert_array_equal(logits, kept)
     grads = {"a": rand(3, 4), "b": rand(5)}
     kept = {k: g.copy() for k, g in grads.items()}
-    clipped, _ = R.clip_grad_norm(grads, 0.1)
+    clipped, _ = reference_optim.clip_grad_norm(grads, 0.1)
     for k in grads:
         np.testing.assert_array_equal(grads[k], kept[k])
 
@@ -184,7 +184,7 @@ def test_adamw_against_torch():
     opt = torch.optim.AdamW([tp], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     p, m, v = p0, np.zeros_like(p0), np.zeros_like(p0)
     for step, g in enumerate(grads, start=1):
-        p, m, v = R.adamw_update(p, g, m, v, step, 1e-2, (0.9, 0.95), 1e-8, 0.1)
+        p, m, v = reference_optim.adamw_update(p, g, m, v, step, 1e-2, (0.9, 0.95), 1e-8, 0.1)
         tp.grad = torch.tensor(g)
         opt.step()
         assert_close(f"p after step {step}", p, tp.detach().numpy(), atol=1e-15, rtol=1e-12)
@@ -196,7 +196,7 @@ def test_adamw_against_torch():
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])           # clipped, and left alone
 def test_clip_grad_norm_against_torch(max_norm):
     grads = {"a": rand(3, 4), "b": rand(5, seed=1)}
-    clipped, norm = R.clip_grad_norm(grads, max_norm)
+    clipped, norm = reference_optim.clip_grad_norm(grads, max_norm)
     tensors = [t(g, grad=False) for g in grads.values()]
     params = [torch.zeros_like(x, requires_grad=True) for x in tensors]
     for p, g in zip(params, tensors):

@@ -24,6 +24,7 @@ from ..sampling import KVCache
 from . import gpt2
 from . import layers as L
 from . import reference as R
+from . import reference_optim
 from .generate import forward_cached, sampler
 from .threads import one_blas_thread, parallel_map
 
@@ -70,7 +71,7 @@ class NumpyGPT(Backend):
                  seed: int = 123, kernels: str = "fast", grad_accum: int = 1):
         """params: arrays by GPT-2 name, copied in; None leaves every parameter zero, for a loader
         that then writes each tensor straight into param_views(). kernels: "fast" (layers.py) or
-        "reference" (gpt2.py's forward and backward, reference.py's clipping and AdamW; see the
+        "reference" (gpt2.py's forward and backward, reference_optim.py's clipping and AdamW; see the
         kernels property). grad_accum: a training batch runs as this many micro-batches
         (batch_gradients)."""
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
@@ -169,7 +170,7 @@ class NumpyGPT(Backend):
         The squares are summed in float64, a block at a time: a float32 dot over GPT-2's 124M
         gradients is off by up to 6e-4 (relative), and the accumulated error grows with the size."""
         if self.kernels == "reference":
-            self.g, norm = R.clip_grad_norm(self.g, max_norm)
+            self.g, norm = reference_optim.clip_grad_norm(self.g, max_norm)
             return norm
         g, block, squares = self.flat_grads, 1 << 16, 0.0
         for start in range(0, g.size, block):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ..params import check_params, decays
-from . import reference as R
+from .reference_optim import adamw_update as reference_adamw_update
 from .model import flat_views
 from .threads import parallel_map
 
@@ -52,7 +52,7 @@ class AdamW:
 
     decay names the parameters weight decay applies to (params.decays): "all", as the book's
     torch.optim.AdamW(model.parameters(), weight_decay=0.1) does, "matrices" (biases and LayerNorm
-    exempt) or "none". On a model running the reference kernels, step() is reference.adamw_update
+    exempt) or "none". On a model running the reference kernels, step() is reference_optim.adamw_update
     on each tensor.
     """
 
@@ -102,12 +102,12 @@ class AdamW:
         parallel_map(run, self._chunks)
 
     def reference_step(self):
-        """The textbook update, tensor by tensor (reference.adamw_update), written into the buffers."""
+        """The textbook update, tensor by tensor (reference_optim.adamw_update), written into the buffers."""
         model, m_views, v_views = self.model, flat_views(self.exp_avg, self.model.shapes), \
             flat_views(self.exp_avg_sq, self.model.shapes)
         for name, p in model.p.items():
             wd = self.weight_decay if decays(name, self.decay) else 0.0
-            p[...], m_views[name][...], v_views[name][...] = R.adamw_update(
+            p[...], m_views[name][...], v_views[name][...] = reference_adamw_update(
                 p, model.g[name], m_views[name], v_views[name], self.step_count, self.lr, self.betas,
                 self.eps, wd)
 

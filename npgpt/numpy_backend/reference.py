@@ -8,8 +8,9 @@ place, no argument modified. Each backward's docstring derives it, from the forw
 the code. layers.py is the same math made fast (blocks of rows that stay in the cache, every core
 busy, gradients written straight into the model's buffer); tests/test_numpy_kernels.py proves
 each fast function equal to its twin here. gpt2.py, read next, is GPT-2's whole forward and
-backward written with this file's functions; build_model(cfg, kernels="reference") trains on it,
-so that `npgpt gradcheck --kernels reference` checks an edit to this file.
+backward written with this file's functions; build_model(cfg, kernels="reference") trains on it
+(with reference_optim.py's AdamW and clipping), so that `npgpt gradcheck --kernels reference`
+checks an edit to this file.
 
 Shapes: B batch, T time (tokens), C channels (emb_dim), NH heads, hs head size (C // NH),
 V vocabulary; `...` is any number of leading axes (the book's (B, T, C), or N = B * T rows).
@@ -342,40 +343,3 @@ def cross_entropy_backward(cache):
     onehot = np.zeros_like(probs)
     np.put_along_axis(onehot, targets[..., None], 1.0, axis=-1)
     return (probs - onehot) * (1.0 / N)
-
-
-# ---- the optimizer: AdamW and gradient clipping ----------------------------------------------
-
-def adamw_update(p, g, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """One AdamW step on one tensor -> the new (p, m, v). t counts the steps from 1.
-
-    torch.optim.AdamW's form (llm.c's too): the decay is scaled by the learning rate.
-        p = p - lr * weight_decay * p            decoupled weight decay: not added to the gradient
-        m = b1 * m + (1 - b1) * g                running mean of the gradient
-        v = b2 * v + (1 - b2) * g^2              running mean of its square
-        m_hat = m / (1 - b1^t)                   m and v start at 0: these undo the bias toward 0
-        v_hat = v / (1 - b2^t)
-        p = p - lr * m_hat / (sqrt(v_hat) + eps)
-    Loshchilov & Hutter's paper (Algorithm 2) decouples the decay the same way but scales it by the
-    schedule multiplier eta_t, not by the learning rate alpha:
-        p = p - eta_t * (alpha * m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
-    so the paper's weight_decay is a fraction of p per step (times the schedule), torch's a fraction
-    per unit of lr: the book's weight_decay=0.1 at lr=4e-4 multiplies p by 1 - 4e-5 each step. With
-    lr = eta_t * alpha the two are the same update when torch's weight_decay is the paper's / alpha.
-    """
-    b1, b2 = betas
-    p = p - lr * weight_decay * p
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** t)
-    v_hat = v / (1 - b2 ** t)
-    p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
-    return p, m, v
-
-
-def clip_grad_norm(grads, max_norm):
-    """grads: {name: array} -> (the grads scaled so their global L2 norm is at most max_norm, the norm
-    before clipping), as torch.nn.utils.clip_grad_norm_. The squares are summed in float64."""
-    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
-    scale = min(1.0, max_norm / (norm + 1e-6))
-    return {name: g * g.dtype.type(scale) for name, g in grads.items()}, norm
