@@ -45,7 +45,6 @@ except ImportError:          # then BLAS keeps its own threads, and the pool has
     ThreadpoolController = None
 
 
-
 def default_num_threads() -> int:
     """$NPGPT_NUM_THREADS, else the CPUs this process may use: its affinity where the platform has
     one (Linux), else every CPU (macOS and Windows have no os.sched_getaffinity); 1 without threadpoolctl."""
