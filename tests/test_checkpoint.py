@@ -187,7 +187,7 @@ def test_cli_five_epochs_then_five_more_equal_ten(tmp_path, short_text, monkeypa
         snapshot.unlink(missing_ok=True)
         os.link(out, snapshot)                 # a hard link: the next save replaces the file, not rewrites it
         return out
-    monkeypatch.setattr(npgpt, "save_checkpoint", keep)
+    monkeypatch.setattr("npgpt.training.keep.save_checkpoint", keep)          # the run saves through its Keeper
     assert main(train_args(short_text, tmp_path / "ten", 10, "--dtype", dtype, "--save-every", "5")) == 0
     ten = history(tmp_path / "ten")
     steps_per_epoch = len(ten["lrs"]) // 10

@@ -115,7 +115,7 @@ def test_cli_full_disk_exits_2_and_keeps_the_checkpoint(tmp_path, text, monkeypa
         if len(saves) >= 2 and name == "h.1.mlp.c_fc.weight":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return create_dataset(self, name, *args, **kwargs)
-    monkeypatch.setattr(npgpt, "save_checkpoint", counting_save)
+    monkeypatch.setattr("npgpt.training.keep.save_checkpoint", counting_save)          # the run saves through its Keeper
     monkeypatch.setattr(h5py.Group, "create_dataset", create)
     out = tmp_path / "run"
     assert main(train_args(text, out, "--save-every", "3")) == 2
