@@ -389,7 +389,7 @@ def test_a_checkpoint_cannot_choose_where_a_resumed_run_writes(tmp_path, text):
     ckpt = npgpt.save_checkpoint(tmp_path / "run" / "checkpoint.h5", model, npgpt.AdamW(model), run=run)
     assert main(["train", "--resume", str(ckpt), "--no-progress"]) == 0
     assert not elsewhere.exists()
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.h5", "history.json", "log.jsonl",
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["DONE", "checkpoint.h5", "history.json", "log.jsonl",
                                                             "loss.png"]
 
 

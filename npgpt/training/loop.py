@@ -329,7 +329,10 @@ def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_ev
                          progress, print_fn, on_log,
                          None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit, hellaswag_batch),
                          skip_loss_z, skip_grad_z, flush_after)
-    recent = []
+    # the losses of the steps since the last evaluation, which its reported training loss averages; a
+    # resumed run takes them from the spike guard's window (the last 128 steps' losses, saved)
+    since = state.global_step - (state.track_steps[-1] if state.track_steps else -1)
+    recent = list(state.guard_losses[-since:]) if 0 < since <= len(state.guard_losses) else []
     try:
         model.train()
         while state.global_step + 1 < max_steps:
