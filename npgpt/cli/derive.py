@@ -61,8 +61,13 @@ def resumed_batch(a, saved: dict, world: int, shards: bool) -> None:
                          f"with a number of processes that divides {total}")
     per = total // world
     b, k = a.batch_size, a.grad_accum
-    if b is None and k is None:
-        b, k = (saved_b, saved_k) if world == saved_world or per % saved_b == 0 else (None, saved_k)
+    if b is None and k is None:         # the same as saved, else the micro-batch (the memory) kept if it can be
+        if world == saved_world:
+            b, k = saved_b, saved_k
+        elif per % saved_b == 0:
+            b = saved_b
+        else:
+            k = saved_k if per % saved_k == 0 else 1
     if b is None:
         b = per // k if per % k == 0 else None
     if k is None:

@@ -31,7 +31,7 @@ RUN_DEFAULTS = {"backend": "numpy", "init_from": None, "data": None, "data_sha25
                 "tokens_per_step": None}
 SAME_BATCHES = ("data_sha256", "max_length", "stride", "seed", "sampling")  # and the global batch: world_size x batch_size
 # given with --resume, these apply from the next step (the run prints which); --decay is refused
-CHANGEABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "schedule", "min_lr", "lr_decay_steps",
+CHANGEABLE = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "warmup", "schedule", "min_lr", "lr_decay_steps",
               "decay_fraction", "clip", "backend", "autocast", "compile", "grad_accum", "skip_loss_z", "skip_grad_z",
               "keep_last", "keep_every", "keep_best", "hellaswag", "hellaswag_limit", "hellaswag_batch",
               "sample_every", "sample_tokens")
