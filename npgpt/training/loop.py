@@ -10,6 +10,7 @@ loss, train/eval, flops_per_token and peak_flops.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 
@@ -177,8 +178,9 @@ class _Stepper:
         """Wait for the device, read the pending losses, report the window's speed; -> the losses.
         on_log gets one record a step: {"kind": "step", "step", "loss", "lr", "norm" (the gradient
         norm before clipping), "ms" and "tok_s" (the window's: ms a step and tokens/s over every
-        rank), "mfu" (a fraction) where the device's peak is known, and "skipped" (why: "loss z
-        7.1 > 6", "fp16 overflow") on a step whose update was skipped}."""
+        rank), "mfu" (a fraction) where the device's peak is known, "skipped" (why: "loss z
+        7.1 > 6", "fp16 overflow") on a step whose update was skipped, and "skipped_steps" (how
+        many of the run's updates were skipped so far) once there is one}."""
         if not self.pending:
             return []
         self.model.synchronize()
@@ -206,8 +208,10 @@ class _Stepper:
             if skipped:
                 self.say(f"step {step}: update skipped ({skipped}); {len(self.state.skipped_steps)} skipped so far")
             if self.on_log is not None:
+                so_far = bisect.bisect_right(self.state.skipped_steps, step)   # the run's skipped updates
                 self.on_log({"kind": "step", "step": step, "loss": loss, "lr": lr, "norm": norm, **speed,
-                             **({"skipped": skipped} if skipped else {})})
+                             **({"skipped": skipped} if skipped else {}),
+                             **({"skipped_steps": so_far} if so_far else {})})
         self.state.guard_losses, self.state.guard_norms = self.guard.window()
         self.pending, self.window_tokens = [], 0
         return losses
