@@ -128,3 +128,25 @@ def test_keep_best_and_hellaswag_kept_on_resume(shards, tmp_path, capsys):
     later = records(out, "eval")[n:]
     assert later and not any("hellaswag_n" in r for r in later)
     assert read_checkpoint(out / "checkpoint.h5")["run"]["hellaswag"] is None
+
+
+def test_fp16_runs_resumes_and_bf16_is_refused_on_a_gpu_without_it(shards, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train(shards, out, "--backend", "torch", "--device", "cpu", "--autocast", "fp16", "--max-steps", "3",
+                 "--eval-every", "2", "--sample-tokens", "0") == 0
+    assert read_checkpoint(out / "checkpoint.h5")["run"]["autocast"] == "fp16"
+    assert main(["train", "--resume", str(out / "checkpoint.h5"), "--max-steps", "4", "--device", "cpu"]) == 0
+    assert "--autocast fp16" in capsys.readouterr().err                  # the run line: kept on resume
+    # a CUDA device without bf16 (a T4), imitated: bf16 refused in one line before a model is built
+    import torch
+    from npgpt.torch_backend import device as device_module
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(device_module, "cuda_bf16_missing",
+                        lambda dev: "Tesla T4 (compute capability 7.5) has no bf16; use autocast 'fp16'")
+    monkeypatch.setattr(npgpt, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    assert train(shards, tmp_path / "t4", "--backend", "torch", "--device", "cuda", "--autocast", "bf16",
+                 "--max-steps", "3") == 2
+    assert capsys.readouterr().err.strip() == ("npgpt train: error: --autocast bf16: Tesla T4 (compute capability "
+                                               "7.5) has no bf16: give --autocast fp16 (with a GradScaler), or "
+                                               "train in float32 (leave --autocast out)")

@@ -108,8 +108,10 @@ def check_device(backend: str, device: str | None) -> None:
 
 
 def check_autocast(s) -> None:
-    """--autocast bf16 on the CPU only where torch has fast bf16 matrix products (device.cpu_bf16_missing);
-    the message says where the bf16 came from (a --config file, a resumed run) and how to turn it off."""
+    """--autocast bf16 only where torch has fast bf16 matrix products: a CPU with them
+    (device.cpu_bf16_missing), a CUDA GPU from Ampere on (device.cuda_bf16_missing; on an older one
+    fp16 is suggested, and a run without --autocast is told fp16 would be faster); the message says
+    where the bf16 came from (a --config file, a resumed run) and how to turn it off."""
     if s.backend != "torch" or s.autocast == "fp16":
         return
     import torch
@@ -129,6 +131,9 @@ def check_autocast(s) -> None:
             off = f"{s.resume} was trained with it: give --autocast none"
         else:
             off = "leave --autocast out"
+        if device.type == "cuda":          # such a GPU has fp16: nanoGPT's choice there
+            raise ValueError(f"{s.origin('autocast')}: {reason.split('; ')[0]}: give --autocast fp16 (with a "
+                             f"GradScaler), or train in float32 ({off})")
         raise ValueError(f"{s.origin('autocast')}: {reason}: train in float32 ({off})")
 
 
