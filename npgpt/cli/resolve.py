@@ -95,6 +95,8 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
         a.autocast = None
     if a.hellaswag == "none":
         a.hellaswag = None
+        if "hellaswag_limit" not in explicit:       # the resumed run's limit went with its --hellaswag
+            a.hellaswag_limit = None
     if a.backend == "numpy":         # a torch run resumed on numpy leaves its torch options behind
         for key in TORCH_ONLY:
             if key not in given_torch:

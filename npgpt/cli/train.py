@@ -3,7 +3,10 @@
 Every setting is resolved and checked before anything is built (resolve.py, into the RunSettings
 this command reads); then the data is opened and sized, and only then the model built. The
 checkpoint is written at the end, at every evaluation of a shards run (or every --save-every
-steps) and when a signal stops the run, never over another run's checkpoint without --overwrite.
+steps, exactly: the loop reads a GPU back at that step) and when a signal stops the run, never over
+another run's checkpoint without --overwrite; training/keep.py's Keeper keeps the numbered and best
+ones (--keep-last, --keep-every, --keep-best), and a finished run leaves OUT/DONE, which ends a
+restart loop of `--resume auto` (OUT's newest whole checkpoint, or a new run).
 Every step, evaluation and save is a line of OUT/log.jsonl (training/log.py); history.json is
 rewritten at each evaluation.
 """
@@ -162,6 +165,8 @@ def cmd_train(s: RunSettings) -> int:
         if is_main:
             print(f"npgpt: {out} holds a finished run ({out / DONE}, {total_steps} steps): nothing to train",
                   file=sys.stderr)
+        if ranks:
+            ranks.finish()
         return 0
     if s.resume and not s.auto and s.steps_done >= total_steps:
         raise ValueError(f"--epochs {s.epochs}: {s.resume} has done {s.steps_done} steps already, of the "
