@@ -223,7 +223,7 @@ def test_cli_resume_refuses_other_batches(tmp_path, short_text, capsys):
     assert main(train_args(short_text, tmp_path / "run", 1)) == 0
     ckpt = str(tmp_path / "run" / "checkpoint.h5")
     assert main(["train", "--resume", ckpt, "--batch-size", "4", "--epochs", "2"]) == 2
-    assert "trained with --batch-size 2" in capsys.readouterr().err
+    assert "trained with 1 process(es) x --batch-size 2 x --grad-accum 1" in capsys.readouterr().err
 
 
 def test_cli_torch_backend_resumes_exactly(tmp_path, short_text):
