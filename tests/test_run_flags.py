@@ -42,7 +42,7 @@ def records(out, kind):
     return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_a_linear_and_a_wsd_schedule_from_a_config_file(shards, tmp_path):
+def test_a_linear_and_a_wsd_schedule_from_a_config_file(shards, tmp_path, capsys, monkeypatch):
     config = tmp_path / "run.toml"
     config.write_text('schedule = "linear"\nwarmup = 2\nlr = 1e-3\nfinal-lr-frac = 0.25\nmax-steps = 10\n'
                       'eval-every = 5\n')
@@ -57,6 +57,12 @@ def test_a_linear_and_a_wsd_schedule_from_a_config_file(shards, tmp_path):
     assert [r["lr"] for r in records(tmp_path / "wsd", "step")] == pytest.approx(expected, rel=1e-12)
     saved = read_checkpoint(tmp_path / "wsd" / "checkpoint.h5")["state"].schedule
     assert (saved.kind, saved.decay_fraction, saved.min_lr, saved.decay_steps) == ("wsd", 0.5, 2.5e-4, 10)
+    monkeypatch.setattr(npgpt, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    assert train(shards, tmp_path / "bad", "--config", str(config), "--schedule", "wsd", "--decay-fraction",
+                 "0.9") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "npgpt train: error: --decay-fraction 0.9: the wsd decay, the last 0.9 of 10 steps, would start at step 1, "
+        "inside --warmup 2 (give a smaller --decay-fraction or --warmup)")
 
 
 def test_skipped_updates_are_counted_in_the_log_and_the_lines(shards, tmp_path, capsys):

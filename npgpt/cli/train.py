@@ -173,6 +173,12 @@ def cmd_train(s: RunSettings) -> int:
                          f"{total_steps} these epochs take, so this resume would train nothing")
     if s.schedule != "constant" and s.lr_decay_steps is None:      # the decay's length: the run's, by default
         s = dataclasses.replace(s, lr_decay_steps=total_steps)
+    if s.schedule == "wsd":                     # known once the run's length is: before the model is built
+        start = s.lr_decay_steps - round(s.decay_fraction * s.lr_decay_steps)
+        if start < s.warmup:
+            raise ValueError(f"--decay-fraction {s.decay_fraction}: the wsd decay, the last {s.decay_fraction:g} "
+                             f"of {s.lr_decay_steps} steps, would start at step {start}, inside --warmup {s.warmup} "
+                             "(give a smaller --decay-fraction or --warmup)")
     if is_main:                                 # the first lines: the settings complete, where the math runs
         print(f"npgpt: run: {s.as_command()}", file=sys.stderr)
         if s.backend == "numpy":
