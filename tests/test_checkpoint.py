@@ -187,7 +187,7 @@ def test_cli_five_epochs_then_five_more_equal_ten(tmp_path, short_text, monkeypa
         snapshot.unlink(missing_ok=True)
         os.link(out, snapshot)                 # a hard link: the next save replaces the file, not rewrites it
         return out
-    monkeypatch.setattr(npgpt, "save_checkpoint", keep)
+    monkeypatch.setattr("npgpt.training.keep.save_checkpoint", keep)          # the run saves through its Keeper
     assert main(train_args(short_text, tmp_path / "ten", 10, "--dtype", dtype, "--save-every", "5")) == 0
     ten = history(tmp_path / "ten")
     steps_per_epoch = len(ten["lrs"]) // 10
@@ -223,7 +223,7 @@ def test_cli_resume_refuses_other_batches(tmp_path, short_text, capsys):
     assert main(train_args(short_text, tmp_path / "run", 1)) == 0
     ckpt = str(tmp_path / "run" / "checkpoint.h5")
     assert main(["train", "--resume", ckpt, "--batch-size", "4", "--epochs", "2"]) == 2
-    assert "trained with --batch-size 2" in capsys.readouterr().err
+    assert "trained with 1 process(es) x --batch-size 2 x --grad-accum 1" in capsys.readouterr().err
 
 
 def test_cli_torch_backend_resumes_exactly(tmp_path, short_text):

@@ -238,5 +238,11 @@ def test_python_m_npgpt_shows_a_traceback_only_with_debug(files):
 
 
 def test_torch_only_options_need_the_torch_backend(tmp_path, capsys):
-    assert main(["train", "--preset", "tiny", "--grad-accum", "2", "--out", str(tmp_path)]) == 2
-    assert "--grad-accum needs --backend torch" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--compile", "--out", str(tmp_path)]) == 2
+    assert "--compile needs --backend torch" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--autocast", "fp16", "--out", str(tmp_path)]) == 2
+    assert "--autocast fp16 needs --backend torch" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--backend", "torch", "--dtype", "float64", "--autocast", "fp16",
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("npgpt train: error: --autocast fp16 needs --dtype float32 (mixed "
+                                               "precision keeps float32 parameters)")

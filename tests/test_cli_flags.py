@@ -127,7 +127,8 @@ def test_a_tiny_run_pasted_back_is_the_same_run(verdict_start, tmp_path, capsys)
     line = lines[0]
     argv = shlex.split(line[len("npgpt: run: "):])
     assert argv[:2] == ["npgpt", "train"]
-    for flag in ("--dtype", "--kernels", "--out", "--cosine", "--min-lr", "--lr-decay-steps", "--no-progress"):
+    assert argv[argv.index("--schedule") + 1] == "cosine" and lines[2].startswith("npgpt: batch: micro 2 x ")
+    for flag in ("--dtype", "--kernels", "--out", "--schedule", "--min-lr", "--lr-decay-steps", "--no-progress"):
         assert flag in argv, flag
     assert argv[argv.index("--start-context") + 1] == "Every effort's \"moves\""
     assert "--config" not in argv

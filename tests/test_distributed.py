@@ -84,7 +84,7 @@ def test_torchrun_cli_matches_one_process(dtype, small_text, tmp_path, capsys):
     # rank 0 alone printed and wrote: the same lines as one process, one set of files
     assert out.count("Ep ") == ref_out.count("Ep ") == 2 * STEPS
     assert err.count("npgpt: torch backend") == 1 and err.count("npgpt: done") == 1, err
-    files = ["checkpoint.h5", "history.json", "log.jsonl", "loss.png"]
+    files = ["DONE", "checkpoint.h5", "history.json", "log.jsonl", "loss.png"]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == files
     kinds = [[json.loads(line)["kind"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
              for run in ("ddp", "ref")]

@@ -115,7 +115,7 @@ def test_cli_full_disk_exits_2_and_keeps_the_checkpoint(tmp_path, text, monkeypa
         if len(saves) >= 2 and name == "h.1.mlp.c_fc.weight":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return create_dataset(self, name, *args, **kwargs)
-    monkeypatch.setattr(npgpt, "save_checkpoint", counting_save)
+    monkeypatch.setattr("npgpt.training.keep.save_checkpoint", counting_save)          # the run saves through its Keeper
     monkeypatch.setattr(h5py.Group, "create_dataset", create)
     out = tmp_path / "run"
     assert main(train_args(text, out, "--save-every", "3")) == 2
@@ -389,7 +389,7 @@ def test_a_checkpoint_cannot_choose_where_a_resumed_run_writes(tmp_path, text):
     ckpt = npgpt.save_checkpoint(tmp_path / "run" / "checkpoint.h5", model, npgpt.AdamW(model), run=run)
     assert main(["train", "--resume", str(ckpt), "--no-progress"]) == 0
     assert not elsewhere.exists()
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.h5", "history.json", "log.jsonl",
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["DONE", "checkpoint.h5", "history.json", "log.jsonl",
                                                             "loss.png"]
 
 

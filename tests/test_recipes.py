@@ -58,8 +58,8 @@ def test_llmc_gpt2_124m_is_run_gpt2_124M_sh(tmp_path, monkeypatch):
     cfg = a.cfg
     assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length) == (12, 768, 12, 1024)     # -e d12
     assert cfg.vocab_size == 50304 and cfg.tie_weights and cfg.bias and cfg.qkv_bias and cfg.drop_rate == 0.0
-    assert a.world_size * a.batch_size * a.max_length == 524288                                    # -d
-    assert a.batch_size // a.grad_accum == 64 and a.max_length == 1024                             # -b, -t
+    assert a.world_size * a.batch_size * a.grad_accum * a.max_length == a.tokens_per_step == 524288  # -d
+    assert a.batch_size == 64 and a.grad_accum == 1 and a.max_length == 1024                      # -b, -t
     assert a.max_steps == 18865
     assert (a.lr, a.warmup, a.cosine, a.min_lr) == (6e-4, 700, True, 0.0)                          # -l -u -q
     assert (a.weight_decay, a.decay) == (0.1, "matrices")                                          # -c
@@ -76,14 +76,14 @@ def test_nanogpt_gpt2_124m_is_train_gpt2_py(tmp_path, monkeypatch):
     assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length, cfg.vocab_size) == (12, 768, 12, 1024, 50304)
     assert not cfg.bias and not cfg.qkv_bias and cfg.tie_weights and cfg.drop_rate == 0.0
     assert cfg.emb_init_std == 0.02                            # nanoGPT's N(0, 0.02) embeddings
-    assert a.batch_size // a.grad_accum == 12 and a.max_length == 1024
+    assert a.batch_size == 12 and a.max_length == 1024
     assert a.world_size * a.grad_accum == 5 * 8
-    assert a.world_size * a.batch_size * a.max_length == 12 * 1024 * 40 == 491520
+    assert a.world_size * a.step_windows * a.max_length == a.tokens_per_step == 12 * 1024 * 40 == 491520
     assert (a.max_steps, a.lr_decay_steps, a.warmup) == (600000, 600000, 2000)
     assert (a.lr, a.min_lr, a.cosine) == (6e-4, 6e-5, True)
     assert (a.weight_decay, a.decay, a.beta1, a.beta2, a.clip) == (0.1, "matrices", 0.9, 0.95, 1.0)
     assert a.eval_every == 1000
-    assert a.eval_iter * a.world_size * a.batch_size == 200 * 12                    # eval_iters x batch_size
+    assert a.eval_iter * a.world_size * a.step_windows == 200 * 12                    # eval_iters x batch_size
     assert a.sampling == "random" and (a.backend, a.autocast, a.compile) == ("torch", "bf16", True)
 
 
@@ -94,7 +94,7 @@ def test_nanogpt_finetune_is_finetune_shakespeare_py(tmp_path, monkeypatch):
     npgpt.export_hf(npgpt.build_model(cfg, seed=0), hub / "models--gpt2-xl" / "snapshots" / "r")
     a = resolved("nanogpt-finetune-shakespeare.toml", nanogpt_data(tmp_path / "shakespeare"))
     assert a.init_from and a.cfg.drop_rate == 0.0 and a.cfg.context_length == 1024     # gpt2-xl's, found
-    assert a.batch_size // a.grad_accum == 1 and a.batch_size * a.max_length == 32768
+    assert a.batch_size == 1 and a.step_windows * a.max_length == a.tokens_per_step == 32768
     assert (a.max_steps, a.lr, a.warmup, a.cosine) == (20, 3e-5, 0, False)            # decay_lr False
     assert (a.weight_decay, a.decay, a.beta1, a.beta2, a.clip) == (0.1, "matrices", 0.9, 0.95, 1.0)
     assert a.eval_every == 5
@@ -104,3 +104,13 @@ def test_nanogpt_finetune_is_finetune_shakespeare_py(tmp_path, monkeypatch):
 def test_npgpts_own_configs_claim_no_recipe(name):
     head = (CONFIGS / name).read_text().split("\n\n")[0].lower()
     assert "the recipe" not in head and "as nanogpt's" not in head and "npgpt's own" in head
+
+
+@pytest.mark.parametrize("name, world, micro, accum", [("gpt2-124m-1gpu.toml", 1, 16, 32),
+                                                       ("gpt2-124m-8gpu.toml", 8, 16, 4)])
+def test_half_a_million_tokens_a_step_on_any_number_of_processes(tmp_path, monkeypatch, name, world, micro, accum):
+    """The configs' 0.5M tokens a step (2**19, their comments' 524,288), the accumulation derived
+    from --tokens-per-step on the processes there are."""
+    a = resolved(name, shards(tmp_path / "fineweb10B"), world=world, monkeypatch=monkeypatch)
+    assert (a.batch_size, a.grad_accum, a.world_size) == (micro, accum, world)
+    assert micro * accum * world * 1024 == a.tokens_per_step == 2**19 == 524288

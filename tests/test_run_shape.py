@@ -97,15 +97,15 @@ def test_a_sample_of_a_padded_vocabulary_marks_the_padded_ids(monkeypatch, capsy
     (["--n-layer", "0"], ["--n-layer", "positive", "0"]),
     (["--drop-rate", "1.5"], ["--drop-rate", "1.5"]),
     (["--context-length", "4"], ["--max-length 8", "context length 4"]),
-    (["--backend", "torch", "--batch-size", "4", "--grad-accum", "3"], ["--grad-accum 3", "--batch-size 4"]),
+    (["--batch-size", "4", "--tokens-per-step", "100"], ["--tokens-per-step 100", "--batch-size 4",
+                                                         "--max-length 8", "32 tokens"]),
+    (["--batch-size", "4", "--tokens-per-step", "64", "--grad-accum", "3"], ["--grad-accum 3", "2 micro-batches"]),
     (["--init-from", str(FIXTURE), "--n-embd", "16"], ["--n-embd 16", "openai-tiny", "emb_dim 8"]),
     (["--init-from", str(FIXTURE), "--no-tie-weights"], ["--no-tie-weights:", "tie_weights on"]),
 ])
 def test_a_bad_shape_is_refused_before_a_model_is_built(shards, tmp_path, capsys, no_build, extra, words):
     argv = ["train", "--preset", "tiny", "--data", str(shards), "--max-steps", "3", "--max-length", "8",
             "--out", str(tmp_path / "run"), *extra]
-    if "--batch-size" in extra:
-        argv.remove("--max-length"), argv.remove("8")
     if "--init-from" in extra:                                        # the weights give the shape
         argv.remove("--preset"), argv.remove("tiny")
     refused(capsys, argv, *words)
@@ -180,6 +180,7 @@ def test_a_resume_keeps_the_torch_options(shards, tmp_path, capsys):
     assert "--grad-accum 4 (saved: 2)" in err
     ckpt = read_checkpoint(out / "checkpoint.h5")
     assert ckpt["run"]["grad_accum"] == 4 and ckpt["run"]["backend"] == "torch"
+    assert ckpt["run"]["batch_size"] == 2 and "--batch-size 2 (saved: 4)" in err       # 8 windows a step still
 
 
 def test_a_resume_on_another_number_of_processes_keeps_the_windows_of_a_step(shards, tmp_path, capsys, monkeypatch):
@@ -199,13 +200,17 @@ def test_a_resume_on_another_number_of_processes_keeps_the_windows_of_a_step(sha
     def resolved(world, *extra):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        settings = resolve(build_parser().parse_args(["train", "--resume", str(out / "checkpoint.h5"), *extra]), {})
-        return settings.batch_size, settings.world_size
-    assert resolved(1) == (4, 1) and resolved(4) == (1, 4) and resolved(2) == (2, 2)
+        settings = resolve(build_parser().parse_args(["train", "--resume", str(out / "checkpoint.h5"), "--max-steps", "4", *extra]), {})
+        return settings.batch_size, settings.grad_accum, settings.world_size
+    # (micro-batch, accumulation, processes): 4 windows a step however many processes share them
+    assert resolved(1) == (2, 2, 1) and resolved(4) == (1, 1, 4) and resolved(2) == (2, 1, 2)
+    assert resolved(1, "--grad-accum", "4") == (1, 4, 1) and resolved(1, "--batch-size", "4") == (4, 1, 1)
     with pytest.raises(ValueError, match="3 processes cannot share equally"):
         resolved(3)
-    with pytest.raises(ValueError, match="--batch-size 2: .* on 1 processes that is --batch-size 4"):
-        resolved(1, "--batch-size", "2")
+    with pytest.raises(ValueError, match="= 4 windows a step, 4 on each of 1 process.*product is 4"):
+        resolved(1, "--batch-size", "3")
+    with pytest.raises(ValueError, match="--tokens-per-step 64: .* = 32 tokens a step; a resumed run must see"):
+        resolved(1, "--tokens-per-step", "64")
 
 
 def test_npgpt_eval_defaults_to_the_checkpoints_context_and_backend(shards, tmp_path, capsys):

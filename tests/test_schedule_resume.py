@@ -70,7 +70,7 @@ def test_a_resumed_cosine_run_equals_the_uninterrupted_one(shards, tmp_path, mon
         snapshot.unlink(missing_ok=True)
         os.link(out, snapshot)
         return out
-    monkeypatch.setattr(npgpt, "save_checkpoint", keep)
+    monkeypatch.setattr("npgpt.training.keep.save_checkpoint", keep)          # the run saves through its Keeper
     args = [*RECIPE, "--lr-decay-steps", "12", "--backend", backend]
     assert train(shards, tmp_path / "whole", *args, "--max-steps", "12", "--save-every", "7") == 0
     whole = history(tmp_path / "whole")
@@ -153,8 +153,23 @@ def test_clipping_acts_from_the_first_step(shards, tmp_path, monkeypatch, verdic
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--min-lr", "1e-5"], "--min-lr 1e-05 needs --cosine (it is the cosine's floor)"),
-    (["--lr-decay-steps", "9"], "--lr-decay-steps 9 needs --cosine (it is the cosine's length)"),
+    (["--min-lr", "1e-5"], "--min-lr 1e-05 needs a decaying --schedule (cosine, linear, wsd) (it is the "
+                           "schedule's floor); --schedule is constant"),
+    (["--lr-decay-steps", "9"], "--lr-decay-steps 9 needs a decaying --schedule (cosine, linear, wsd) (it is the "
+                                "schedule's length); --schedule is constant"),
+    (["--schedule", "cosine", "--decay-fraction", "0.5"], "--decay-fraction 0.5 needs --schedule wsd (it is the "
+                                                          "schedule's wsd decay's share); --schedule is cosine"),
+    (["--schedule", "wsd", "--decay-fraction", "0"], "--decay-fraction must be a number in (0, 1], got 0.0"),
+    (["--schedule", "wsd", "--final-lr-frac", "1.5"], "--final-lr-frac must be a number in [0, 1], got 1.5"),
+    (["--schedule", "wsd", "--final-lr-frac", "0.1", "--min-lr", "0"], "--final-lr-frac 0.1 and --min-lr 0.0 both "
+                                                                       "set the floor: give one of them"),
+    (["--cosine", "--schedule", "wsd"], "--cosine is --schedule cosine, and --schedule wsd was given: give one of "
+                                        "them"),
+    (["--skip-loss-z", "-1"], "--skip-loss-z must be a number > 0 (0: off), got -1.0"),
+    (["--keep-last", "-1"], "--keep-last must be an integer >= 0, got -1"),
+    (["--sample-tokens", "-1"], "--sample-tokens must be an integer >= 0, got -1"),
+    (["--sample-every", "0"], "--sample-every must be a positive integer, got 0"),
+    (["--hellaswag-batch", "0"], "--hellaswag-batch must be a positive integer, got 0"),
     (["--cosine", "--min-lr", "1e-2"], "--min-lr 0.01 must be at most --lr 0.0005"),
     (["--cosine", "--min-lr", "nan"], "--min-lr must be a number >= 0, got nan"),
     (["--cosine", "--warmup", "5", "--lr-decay-steps", "5"], "--lr-decay-steps 5 must be more than --warmup 5"),
@@ -174,7 +189,7 @@ def test_bad_optimizer_and_schedule_options_are_refused(shards, tmp_path, capsys
 @pytest.mark.parametrize("extra, message", [
     (["--decay", "all"], "--decay all: {ckpt} was trained with --decay matrices, and a resumed run keeps its "
                          "optimizer's parameter groups (leave --decay out)"),
-    (["--lr", "1e-5"], "--min-lr 0.0001 must be at most --lr 1e-05: the cosine decays from --lr down to it (the "
+    (["--lr", "1e-5"], "--min-lr 0.0001 must be at most --lr 1e-05: the schedule decays from --lr down to it (the "
                        "resumed run saved this --min-lr: give another)"),
 ])
 def test_a_resume_refuses_what_it_cannot_apply(cosine_run, capsys, monkeypatch, extra, message):

@@ -208,9 +208,11 @@ def test_hellaswag_at_every_evaluation(shards, tmp_path, capsys, hellaswag_file)
     assert lines == [f"Steps (Step 000007): Train loss {evals[-1]['train_loss']:.3f}, Val loss "
                      f"{evals[-1]['val_loss']:.3f}, HellaSwag acc {expected['acc']:.4f} acc_norm "
                      f"{expected['acc_norm']:.4f} (3 examples)"]
-    # the scores of the first run stay in the history of a resumed run (the checkpoint keeps them)
+    # the scores of the first run stay in the history of a resumed run (the checkpoint keeps them), and
+    # the resumed run goes on scoring (its --hellaswag is kept)
     assert main(["train", "--resume", str(out / "checkpoint.h5"), "--max-steps", "10", "--no-progress"]) == 0
-    assert json.loads((out / "history.json").read_text())["hellaswag"] == history["hellaswag"]
+    resumed = json.loads((out / "history.json").read_text())["hellaswag"]
+    assert resumed[:len(evals)] == history["hellaswag"] and [r["step"] for r in resumed[len(evals):]] == [9]
 
 
 def test_the_step_norm_is_the_backends_own(shards):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 MAX_SEED = 2**63 - 1                                   # what every RNG involved (NumPy's, torch's) accepts
@@ -20,9 +21,9 @@ def check_run(a, cfg, changes: dict) -> None:
         if value is not None and (isinstance(value, bool) or not ok(value)):
             raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
     for key in ("epochs", "max_steps", "batch_size", "max_length", "stride", "eval_freq", "eval_every",
-                "eval_iter", "grad_accum", "lr_decay_steps"):
+                "eval_iter", "grad_accum", "lr_decay_steps", "hellaswag_batch", "sample_every"):
         check(key, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
-    for key in ("save_every", "warmup"):
+    for key in ("save_every", "warmup", "keep_last", "keep_every", "sample_tokens"):
         check(key, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     check("seed", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
     for key in ("clip", "eps"):
@@ -31,19 +32,13 @@ def check_run(a, cfg, changes: dict) -> None:
         check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf, "a number >= 0")
     for key in ("beta1", "beta2"):
         check(key, lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
-    for key, what in (("min_lr", "floor"), ("lr_decay_steps", "length")):
-        if getattr(a, key) is not None and not a.cosine:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(a, key)} needs --cosine (it is the cosine's {what})")
     if a.min_lr is not None and a.min_lr > a.lr:
         resumed = a.resume and "min_lr" not in changes
-        raise ValueError(f"--min-lr {a.min_lr} must be at most --lr {a.lr}: the cosine decays from --lr down to "
+        raise ValueError(f"--min-lr {a.min_lr} must be at most --lr {a.lr}: the schedule decays from --lr down to "
                          f"it{' (the resumed run saved this --min-lr: give another)' if resumed else ''}")
     if a.lr_decay_steps is not None and a.lr_decay_steps <= a.warmup:
-        raise ValueError(f"--lr-decay-steps {a.lr_decay_steps} must be more than --warmup {a.warmup}: the cosine "
+        raise ValueError(f"--lr-decay-steps {a.lr_decay_steps} must be more than --warmup {a.warmup}: the decay "
                          "runs from the end of warmup to step --lr-decay-steps")
-    if a.batch_size % a.grad_accum:
-        raise ValueError(f"--grad-accum {a.grad_accum} must divide --batch-size {a.batch_size}: each step runs its "
-                         f"batch as {a.grad_accum} equal micro-batches")
     if a.max_length > cfg.context_length:
         raise ValueError(f"--max-length {a.max_length} exceeds the model's context length {cfg.context_length}")
     check("start_context", lambda v: v.strip() != "", "some text (the samples continue it)")
@@ -55,10 +50,11 @@ def check_run(a, cfg, changes: dict) -> None:
                          "--hellaswag FILE")
     if a.hellaswag is not None and not os.path.isfile(a.hellaswag):
         raise ValueError(f"--hellaswag {a.hellaswag}: no such file")
-    torch_only = [flag for flag, on in (("--autocast", a.autocast), ("--compile", a.compile is True),
-                                        ("--grad-accum", a.grad_accum != 1)) if on]
+    torch_only = [flag for flag, on in (("--autocast", a.autocast), ("--compile", a.compile is True)) if on]
     if torch_only and a.backend != "torch":
-        raise ValueError(f"{torch_only[0]} needs --backend torch")
+        raise ValueError(f"{torch_only[0]}{' ' + a.autocast if a.autocast else ''} needs --backend torch")
+    if a.autocast == "fp16" and a.dtype == "float64":
+        raise ValueError("--autocast fp16 needs --dtype float32 (mixed precision keeps float32 parameters)")
     if a.kernels != "fast" and a.backend != "numpy":
         raise ValueError(f"--kernels {a.kernels} needs --backend numpy (the torch backend's gradients are autograd's)")
 
@@ -112,14 +108,22 @@ def check_device(backend: str, device: str | None) -> None:
 
 
 def check_autocast(s) -> None:
-    """--autocast bf16 on the CPU only where torch has fast bf16 matrix products (device.cpu_bf16_missing);
-    the message says where the bf16 came from (a --config file, a resumed run) and how to turn it off."""
-    if s.autocast != "bf16":
+    """--autocast bf16 only where torch has fast bf16 matrix products: a CPU with them
+    (device.cpu_bf16_missing), a CUDA GPU from Ampere on (device.cuda_bf16_missing; on an older one
+    fp16 is suggested, and a run without --autocast is told fp16 would be faster); the message says
+    where the bf16 came from (a --config file, a resumed run) and how to turn it off."""
+    if s.backend != "torch" or s.autocast == "fp16":
         return
     import torch
-    from ..torch_backend.device import cpu_bf16_missing
-    on_cpu = torch.device(s.device).type == "cpu" if s.device else not torch.cuda.is_available()
-    reason = on_cpu and cpu_bf16_missing()
+    from ..torch_backend.device import cpu_bf16_missing, cuda_bf16_missing
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if s.autocast is None:
+        reason = cuda_bf16_missing(device)
+        if reason:
+            print(f"npgpt: note: {reason.split('; ')[0]}: this run trains in float32; --autocast fp16 (with a "
+                  "GradScaler) would be faster", file=sys.stderr)
+        return
+    reason = cpu_bf16_missing() if device.type == "cpu" else cuda_bf16_missing(device)
     if reason:
         if "autocast" in s.from_config:
             off = f"set autocast = \"none\" in {s.config}, or give --autocast none"
@@ -127,6 +131,9 @@ def check_autocast(s) -> None:
             off = f"{s.resume} was trained with it: give --autocast none"
         else:
             off = "leave --autocast out"
+        if device.type == "cuda":          # such a GPU has fp16: nanoGPT's choice there
+            raise ValueError(f"{s.origin('autocast')}: {reason.split('; ')[0]}: give --autocast fp16 (with a "
+                             f"GradScaler), or train in float32 ({off})")
         raise ValueError(f"{s.origin('autocast')}: {reason}: train in float32 ({off})")
 
 
@@ -134,7 +141,7 @@ def check_out(s, ckpt_path: Path) -> None:
     """A new run never replaces a checkpoint without --overwrite, and --out must be writable: both are
     known before the first step, so both fail before it."""
     out = Path(s.out)
-    resuming_here = s.resume and ckpt_path.exists() and os.path.samefile(s.resume, ckpt_path)
+    resuming_here = s.resume and ckpt_path.exists() and os.path.samefile(Path(s.resume).parent, out)
     if ckpt_path.exists() and not resuming_here and not s.overwrite:
         how = f"--resume {ckpt_path} to continue it" if not s.resume else "another --out"
         raise ValueError(f"{ckpt_path} already exists; use {how}, or --overwrite to replace it")

@@ -14,8 +14,9 @@ import sys
 # A tuple: the first flag the command has.
 NANOGPT = {
     "max_iters": "--max-steps", "learning_rate": "--lr", "block_size": "--context-length",
-    "gradient_accumulation_steps": "--grad-accum", "warmup_iters": "--warmup", "lr_decay_iters": "--lr-decay-steps",
-    "decay_lr": "--cosine", "eval_interval": ("--eval-every", "--eval-freq"), "eval_iters": "--eval-iter",
+    "gradient_accumulation_steps": "--grad-accum (per process: nanoGPT's total / the processes)",
+    "warmup_iters": "--warmup", "lr_decay_iters": "--lr-decay-steps", "decay_lr": "--schedule cosine",
+ "eval_interval": ("--eval-every", "--eval-freq"), "eval_iters": "--eval-iter",
     "log_interval": "--log-every", "grad_clip": "--clip", "dropout": "--drop-rate",
     "out_dir": ("--out", "--checkpoint"),
     "dataset": "--data", "init_from": "--init-from (nanoGPT's init_from='resume' is --resume)",
@@ -26,18 +27,19 @@ NANOGPT = {
 }
 LLMC = {
     "-i": "--data (a folder of shards: its train and val files)", "-j": "--data (the val shards beside the train's)",
-    "-e": ("--init-from", "--pretrained"), "-o": "--out", "-b": "--batch-size", "-t": "--max-length (tokens per "
-    "window; the model's own context is --context-length)", "-d": "--batch-size (windows a step, not tokens; "
-    "--grad-accum splits them)", "-l": "--lr", "-u": "--warmup", "-q": "--min-lr (an lr, not a fraction of --lr)",
-    "-c": "--weight-decay", "-k": "--cosine", "-x": "--max-steps", "-v": "--eval-every", "-m": "--eval-iter",
-    "-s": "--eval-every (a sample at every evaluation)", "-n": "--save-every", "-y": "--resume",
-    "-g": "--max-new-tokens (npgpt generate)",
+    "-e": ("--init-from", "--pretrained"), "-o": "--out", "-b": "--batch-size (the micro-batch)",
+    "-t": "--max-length (tokens per window; the model's own context is --context-length)",
+    "-d": "--tokens-per-step", "-l": "--lr", "-u": "--warmup", "-q": "--final-lr-frac", "-c": "--weight-decay",
+    "-k": "--schedule", "-x": "--max-steps", "-v": "--eval-every", "-m": "--eval-iter", "-s": "--sample-every",
+    "-n": "--save-every", "-y": "--resume auto", "-g": ("--max-new-tokens (npgpt generate)", "--sample-tokens"),
+    "-sl": "--skip-loss-z", "-sg": "--skip-grad-z", "-nk": "--keep-last", "-nm": "--keep-every",
 }
 # (option, value refused) -> what to write instead
 VALUES = {
     ("--dtype", "bfloat16"): "for bf16 mixed precision give --backend torch --autocast bf16 (--dtype is the "
                              "parameters': float32 or float64)",
-    ("--dtype", "float16"): "npgpt has no float16; for mixed precision give --backend torch --autocast bf16",
+    ("--dtype", "float16"): "npgpt keeps float32 parameters; for fp16 mixed precision give --backend torch "
+                            "--autocast fp16",
     ("--dtype", "bf16"): "for bf16 mixed precision give --backend torch --autocast bf16",
     ("--backend", "nccl"): "--backend is npgpt's (numpy or torch); torchrun's processes use nccl on CUDA by themselves",
     ("--backend", "gloo"): "--backend is npgpt's (numpy or torch); torchrun's processes use gloo on CPUs by themselves",

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .checks import check_run, data_fingerprint, run_tokenizer
+from .derive import check_z, new_batch, resumed_batch, schedule_kind, schedule_numbers
 from .settings import (CHANGEABLE, RUN_DEFAULTS, SAME_BATCHES, SHAPE_FLAGS, SHARDS_ONLY, TEXT_ONLY, TOKENIZER_VOCAB,
                        TORCH_ONLY, RunSettings)
 
@@ -20,9 +21,13 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
     given = {k: v for k, v in vars(args).items() if v is not None}
     a = argparse.Namespace(**{**dict.fromkeys(vars(args)), **file_values, **given})   # a scratch copy
     from_config = frozenset(k for k in file_values if k not in given)
+    explicit = {*given, *file_values}
     for key in ("preset", "out", "data", "resume", "device", "init_from"):
         if getattr(a, key) == "":
             raise ValueError(f"--{key.replace('_', '-')} is empty; leave it out for the default")
+    a.auto = a.resume == "auto"
+    if a.auto:
+        a.resume = auto_resume(a)
     if a.resume and a.init_from:
         raise ValueError(f"--init-from {a.init_from} starts a new run from weights, --resume {a.resume} continues a "
                          "saved one: give one of them")
@@ -36,10 +41,12 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
             raise ValueError(f"--dtype {a.dtype}: {a.resume} was trained in {ckpt['dtype']}, and a resumed run keeps "
                              "its model (leave --dtype out)")
         a.dtype, a.preset, a.init_from = ckpt["dtype"], None, saved.get("init_from")
+        a.steps_done = ckpt["state"].global_step + 1
     else:
         cfg = new_shape(a)
         a.dtype = a.dtype or "float32"
         a.init_from = a.init_from and os.path.realpath(a.init_from)
+        a.steps_done = 0
     a.data = a.data or saved.get("data")
     a.data = a.data and os.path.realpath(a.data)
     shards = a.data is not None and os.path.isdir(a.data)
@@ -62,10 +69,22 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
         raise ValueError(f"--decay {a.decay}: {a.resume} was trained with --decay {saved['decay']}, and a resumed "
                          "run keeps its optimizer's parameter groups (leave --decay out)")
     world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+    a.max_length = cfg.context_length if a.max_length is None and "max_length" not in saved else a.max_length
+    a.max_length = saved["max_length"] if a.max_length is None else a.max_length
     if a.resume and "batch_size" in saved:
-        a.batch_size = global_batch_share(a, saved, world, shards)
+        resumed_batch(a, saved, world, shards)
+    else:
+        new_batch(a, world)
+    if a.hellaswag in ("", "none"):                 # --hellaswag none: off, whatever the resumed run had
+        a.hellaswag = "none"
+    elif a.hellaswag is not None:
+        a.hellaswag = os.path.realpath(a.hellaswag)
+    schedule_kind(a, explicit)
+    check_z(a)
     changes = {k: (saved.get(k), getattr(a, k)) for k in CHANGEABLE if a.resume
                and getattr(a, k) is not None and getattr(a, k) != saved.get(k)}
+    if changes.get("hellaswag", (None, None))[0] is None and a.hellaswag == "none":
+        changes.pop("hellaswag")
     given_torch = {k for k in TORCH_ONLY if getattr(a, k) is not None}
     for key, default in RUN_DEFAULTS.items():
         if key not in ("init_from", "data") and getattr(a, key, None) is None:
@@ -74,6 +93,10 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
     a.world_size = world
     if a.autocast == "none":
         a.autocast = None
+    if a.hellaswag == "none":
+        a.hellaswag = None
+        if "hellaswag_limit" not in explicit:       # the resumed run's limit went with its --hellaswag
+            a.hellaswag_limit = None
     if a.backend == "numpy":         # a torch run resumed on numpy leaves its torch options behind
         for key in TORCH_ONLY:
             if key not in given_torch:
@@ -85,16 +108,34 @@ def resolve(args: argparse.Namespace, file_values: dict) -> RunSettings:
     a.out = a.out or (str(Path(a.resume).parent) if a.resume else "runs/npgpt")
     a.kernels = a.kernels or "fast"
     a.progress = a.progress is not False
-    a.max_length = cfg.context_length if a.max_length is None else a.max_length
     a.stride = None if shards else a.max_length if a.stride is None else a.stride
+    schedule_numbers(a, explicit)
     check_run(a, cfg, changes)
-    if a.cosine and a.min_lr is None:
-        a.min_lr = a.lr / 10
+    if a.resume and not a.auto and shards and a.max_steps <= a.steps_done:
+        raise ValueError(f"--max-steps {a.max_steps}: {a.resume} has done {a.steps_done} steps already, so this "
+                         f"resume would train nothing (give a --max-steps above {a.steps_done})")
     a.log_every = None if a.progress else a.log_every or 10
     a.kernels = a.kernels if a.backend == "numpy" else None
     a.overwrite = bool(a.overwrite)
     values = {k: getattr(a, k) for k in RunSettings.__dataclass_fields__ if k not in ("cfg", "changes", "from_config")}
     return RunSettings(cfg=cfg, changes=changes, from_config=from_config, **values)
+
+
+def auto_resume(a) -> str | None:
+    """--resume auto: OUT's newest whole checkpoint (training/keep.py's find_resume), or None to start
+    the run (there is none); damaged ones passed over are said on stderr."""
+    import sys
+    from ..training.keep import find_resume
+    from ..weights.checkpoint import CheckpointError
+    if a.out is None:
+        raise ValueError("--resume auto continues the run in --out DIR: give --out")
+    if a.overwrite:
+        raise ValueError("--resume auto continues the run in --out; --overwrite would start it again: give one")
+    try:
+        path = find_resume(a.out, say=lambda line: print(line, file=sys.stderr))
+    except CheckpointError as e:
+        raise ValueError(f"--resume auto: {e}") from None
+    return None if path is None else str(path)
 
 
 def saved_settings(ckpt, path) -> dict:
@@ -107,10 +148,12 @@ def saved_settings(ckpt, path) -> dict:
     saved = {"lr": o["lr"], "weight_decay": o["weight_decay"], "beta1": o["betas"][0], "beta2": o["betas"][1],
              "eps": o["eps"], **ckpt["run"], "decay": o["decay"]}
     saved.setdefault("sampling", "random")          # saved before --sampling: drawn at random
+    if "tokens_per_step" not in saved and "batch_size" in saved:    # its batch_size was a step's windows
+        saved["batch_size"] //= saved.get("grad_accum", 1)
     s = ckpt["state"].schedule
     if s is not None:
         saved.update(lr=s.peak_lr, warmup=s.warmup_steps, cosine=s.cosine, min_lr=s.min_lr,
-                     lr_decay_steps=s.decay_steps)
+                     lr_decay_steps=s.decay_steps, schedule=s.kind, decay_fraction=s.decay_fraction)
     return saved
 
 
@@ -173,27 +216,3 @@ def kept_shape(cfg, a, holder: str, rule: str):
             shown = {True: "on", False: "off"}.get(getattr(cfg, field), getattr(cfg, field))
             raise ValueError(f"{given}: {holder} a model with {field} {shown}, and {rule} (leave it out)")
     return cfg
-
-
-def global_batch_share(a, saved: dict, world: int, shards: bool) -> int:
-    """A resumed run's --batch-size on `world` processes: its saved world_size x batch_size windows a
-    step (the same windows of step s, on shards) shared among the processes there are now."""
-    saved_world, saved_batch = saved.get("world_size", 1), saved["batch_size"]
-    total = saved_world * saved_batch
-    if world == saved_world:
-        if a.batch_size not in (None, saved_batch):
-            raise ValueError(f"{a.resume} was trained with --batch-size {saved_batch}; a resumed run must see the "
-                             "same batches (leave these options out, or start a new run)")
-        return saved_batch
-    if not shards:
-        raise ValueError(f"{a.resume} was trained by {saved_world} processes (torchrun ranks), this run has {world}; "
-                         f"a text run's batches depend on the number of processes, so resume it with {saved_world}")
-    if total % world:
-        raise ValueError(f"{a.resume} was trained with {saved_world} processes x --batch-size {saved_batch} = {total} "
-                         f"windows a step, which {world} processes cannot share equally; resume it with a number of "
-                         f"processes that divides {total}")
-    if a.batch_size not in (None, total // world):
-        raise ValueError(f"--batch-size {a.batch_size}: {a.resume} was trained with {saved_world} processes x "
-                         f"--batch-size {saved_batch} = {total} windows a step; on {world} processes that is "
-                         f"--batch-size {total // world} (or leave it out)")
-    return total // world

@@ -1,5 +1,8 @@
 """Stopping a training run cleanly: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at
-the next step boundary, where the run saves its checkpoint; a second one stops at once."""
+the next step boundary, where the run saves its checkpoint; a second one stops at once. In one
+process that is the step being taken, on every device (cli/train.py's save_due makes the loop read
+a GPU back there); under torchrun the ranks first agree on it, which they do where they read the
+device back: after every step on CPUs, every 10 steps (and at evaluations) on GPUs."""
 from __future__ import annotations
 
 import signal

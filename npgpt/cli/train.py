@@ -3,7 +3,10 @@
 Every setting is resolved and checked before anything is built (resolve.py, into the RunSettings
 this command reads); then the data is opened and sized, and only then the model built. The
 checkpoint is written at the end, at every evaluation of a shards run (or every --save-every
-steps) and when a signal stops the run, never over another run's checkpoint without --overwrite.
+steps, exactly: the loop reads a GPU back at that step) and when a signal stops the run, never over
+another run's checkpoint without --overwrite; training/keep.py's Keeper keeps the numbered and best
+ones (--keep-last, --keep-every, --keep-best), and a finished run leaves OUT/DONE, which ends a
+restart loop of `--resume auto` (OUT's newest whole checkpoint, or a new run).
 Every step, evaluation and save is a line of OUT/log.jsonl (training/log.py); history.json is
 rewritten at each evaluation.
 """
@@ -33,6 +36,13 @@ def _kept(ckpt_path) -> str:
     except (OSError, ValueError):
         return f"no checkpoint was saved to {ckpt_path}"
     return f"the last checkpoint, {ckpt_path} (step {state.global_step}), is kept as it was"
+
+
+def _last_state(path):
+    """The TrainState a checkpoint holds."""
+    from ..weights.checkpoint import open_checkpoint
+    with open_checkpoint(path) as ckpt:
+        return ckpt["state"]
 
 
 def _model(s: RunSettings, device: str | None):
@@ -68,14 +78,15 @@ def _schedule(s: RunSettings, state):
     option given with --resume changed it)."""
     from ..run_state import Schedule
     saved = state.schedule
-    state.schedule = Schedule(peak_lr=s.lr, warmup_steps=s.warmup, cosine=s.cosine, decay_steps=s.lr_decay_steps,
-                              min_lr=s.min_lr, initial_lr=None if saved is None else saved.initial_lr)
+    state.schedule = Schedule(peak_lr=s.lr, warmup_steps=s.warmup, kind=s.schedule, decay_steps=s.lr_decay_steps,
+                              min_lr=s.min_lr, decay_fraction=s.decay_fraction,
+                              initial_lr=None if saved is None else saved.initial_lr)
 
 
 def _changes(s: RunSettings, step: int) -> str:
     """The one line a resumed run prints when options given with --resume change its settings."""
     def shown(key, value):
-        if key == "cosine":
+        if isinstance(value, bool):
             return "on" if value else "off"
         return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
     changed = ", ".join(f"--{k.replace('_', '-')} {shown(k, new)} (saved: {shown(k, old)})"
@@ -87,7 +98,7 @@ def _data(s: RunSettings, tok, ranks):
     """The run's batches and their description: the book's loaders over a text, or batches by step
     from token shards (each rank its own windows). Each refuses data too short for one batch."""
     import npgpt
-    B, T = s.batch_size, s.max_length
+    B, T = s.step_windows, s.max_length
     if s.shards:
         from ..data.shards import TokenDir
         tokens = TokenDir(s.data)
@@ -143,17 +154,37 @@ def cmd_train(s: RunSettings) -> int:
     ckpt_path = out / "checkpoint.h5"
     if is_main:
         check_out(s, ckpt_path)
+    from ..training.keep import DONE, Keeper, done, mark_done
     tok = run_tokenizer(s.init_from)
     examples = _hellaswag(s, tok)
     train_batches, val_batches, described = _data(s, tok, ranks)    # sized and checked before the model exists
     total_steps = s.max_steps or s.epochs * len(train_batches)
-    if s.cosine and s.lr_decay_steps is None:                      # the cosine's length: the run's, by default
+    if s.auto and (done(out, total_steps) or s.resume and s.steps_done >= total_steps):
+        if is_main and not done(out, total_steps):        # killed between its last save and the marker
+            mark_done(out, _last_state(s.resume), total_steps)
+        if is_main:
+            print(f"npgpt: {out} holds a finished run ({out / DONE}, {total_steps} steps): nothing to train",
+                  file=sys.stderr)
+        if ranks:
+            ranks.finish()
+        return 0
+    if s.resume and not s.auto and s.steps_done >= total_steps:
+        raise ValueError(f"--epochs {s.epochs}: {s.resume} has done {s.steps_done} steps already, of the "
+                         f"{total_steps} these epochs take, so this resume would train nothing")
+    if s.schedule != "constant" and s.lr_decay_steps is None:      # the decay's length: the run's, by default
         s = dataclasses.replace(s, lr_decay_steps=total_steps)
+    if s.schedule == "wsd":                     # known once the run's length is: before the model is built
+        start = s.lr_decay_steps - round(s.decay_fraction * s.lr_decay_steps)
+        if start < s.warmup:
+            raise ValueError(f"--decay-fraction {s.decay_fraction}: the wsd decay, the last {s.decay_fraction:g} "
+                             f"of {s.lr_decay_steps} steps, would start at step {start}, inside --warmup {s.warmup} "
+                             "(give a smaller --decay-fraction or --warmup)")
     if is_main:                                 # the first lines: the settings complete, where the math runs
         print(f"npgpt: run: {s.as_command()}", file=sys.stderr)
         if s.backend == "numpy":
             from ..numpy_backend import threads
             print(f"npgpt: numpy backend: {threads.describe()}", file=sys.stderr)
+        print(f"npgpt: batch: {s.batch_line()}", file=sys.stderr)
     model, opt, state = _model(s, device)
     cfg = model.cfg
     _schedule(s, state)
@@ -164,8 +195,11 @@ def cmd_train(s: RunSettings) -> int:
     run = s.saved()
     started = time.time()
     log = None
+    keeper = Keeper(out, s.keep_last, s.keep_every, s.keep_best)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if not s.resume:                    # a new run (--overwrite or --resume auto's first) is not done
+            (out / DONE).unlink(missing_ok=True)
         log = RunLog(out / "log.jsonl", total_steps, print_every=s.log_every, started=started)
         log.write({"kind": "run", "first_step": state.global_step + 1, "resume": s.resume,
                    "backend": model.backend, "world_size": world_size})
@@ -182,9 +216,9 @@ def cmd_train(s: RunSettings) -> int:
     def save(state):
         if not is_main:
             return
-        npgpt.save_checkpoint(ckpt_path, model, opt, state=state, run=run)
+        record = keeper.save(model, opt, state, run)        # the record says the disk use
         write_history(state)
-        log.write({"kind": "save", "path": str(ckpt_path), "step": state.global_step})
+        log.write(record)
         saved_at[1] = state.global_step
 
     def on_log(record):         # rank 0's: every step and evaluation into log.jsonl
@@ -194,12 +228,16 @@ def cmd_train(s: RunSettings) -> int:
 
     stop = StopOnSignal()
     saved_at = [state.global_step, None]        # the step the interval counts from; the last step saved
-    at_evaluations = s.save_every is None and s.shards
+    at_evaluations = s.save_every is None and s.shards or s.keep_best       # the best is an evaluated save
     if s.save_every == 0 and is_main:
         print("npgpt: warning: --save-every 0 saves no checkpoint before the end (Ctrl-C and SIGTERM still do); "
               "a kill or a crash loses the run", file=sys.stderr)
 
-    def on_step(state):         # after every step on the CPU, every few on a GPU (see training/loop.py)
+    def save_due(state) -> bool:            # --save-every or a signal: flush and save after this very step
+        return bool(s.save_every and state.global_step - saved_at[0] >= s.save_every
+                    or stop.signum is not None and not ranks)
+
+    def on_step(state):         # after every step on the CPU; on a GPU every few, and whenever save_due
         if ranks:               # every rank stops at the same step, whichever got the signal
             stop.signum = ranks.agree_max(stop.signum or 0) or None
         evaluated = state.track_steps[-1:] == [state.global_step]
@@ -217,7 +255,9 @@ def cmd_train(s: RunSettings) -> int:
     # the schedule is state.schedule; clipping (--clip) acts on every step, warmup included
     common = dict(clip_norm=s.clip, state=state, on_step=on_step, progress=s.progress and is_main,
                   print_fn=None if is_main else (lambda *_: None), on_log=on_log if is_main else None,
-                  hellaswag=examples, hellaswag_limit=s.hellaswag_limit)
+                  hellaswag=examples, hellaswag_limit=s.hellaswag_limit, hellaswag_batch=s.hellaswag_batch,
+                  skip_loss_z=s.skip_loss_z, skip_grad_z=s.skip_grad_z, sample_every=s.sample_every,
+                  sample_tokens=s.sample_tokens, flush_after=save_due)
     try:
         with stop:
             if s.shards:
@@ -228,12 +268,15 @@ def cmd_train(s: RunSettings) -> int:
                                          s.eval_iter, s.start_context, tok, **common)
             if saved_at[1] != state.global_step:            # not saved at the last evaluation already
                 stop.save(save, state)
+            if is_main:
+                mark_done(out, state, total_steps)          # a restart loop with --resume auto ends here
     except Stopped:
         if is_main:
             launcher = f"torchrun --nproc_per_node={world_size} -m npgpt" if ranks else "npgpt"
             where = "" if s.shards else f" (epoch {state.global_step // len(train_batches) + 1})"
+            again = f"--resume auto --out {out}" if s.auto else f"--resume {ckpt_path}"
             print(f"npgpt: {signal.Signals(stop.signum).name} at step {state.global_step}{where}; saved {ckpt_path}; "
-                  f"continue with: {launcher} train --resume {ckpt_path}", file=sys.stderr)
+                  f"continue with: {launcher} train {again}", file=sys.stderr)
         if ranks:
             ranks.finish()
         return 128 + stop.signum

@@ -41,8 +41,14 @@ def _what(g):
                         "anew each step; epoch: one pass over non-overlapping windows an epoch, in an order shuffled "
                         "by --seed and the epoch. Either way step s's windows depend on (seed, s) alone "
                         f"(default: {D['sampling']})")
-    g.add_argument("--batch-size", type=int, metavar="B", help=f"windows a step, on each process "
-                                                               f"(default: {D['batch_size']})")
+    g.add_argument("--batch-size", type=int, metavar="B",
+                   help="the micro-batch: windows one forward takes on each process (nanoGPT's batch_size, llm.c's "
+                        "-b); a step trains B x --grad-accum x processes windows (before 2026-12, B was a whole "
+                        f"step's windows; older checkpoints resume as they were) (default: {D['batch_size']})")
+    g.add_argument("--tokens-per-step", type=int, metavar="N",
+                   help="tokens an optimizer step over every process (llm.c's -d): --grad-accum is derived from it, "
+                        "N / (B x processes x --max-length), and it must divide (default: B x --grad-accum x "
+                        "processes x --max-length)")
     g.add_argument("--seed", type=int, help=f"initialisation and batch order (default: {D['seed']})")
     g.add_argument("--preset", metavar="NAME", help=f"model size (choices: {', '.join(PRESETS)}) (default: "
                                                     "book-124m, or the --resume checkpoint's)")
@@ -77,12 +83,22 @@ def _how(g):
     g.add_argument("--warmup", type=int, metavar="STEPS",
                    help="linear warmup: step s < STEPS runs at lr*(s+1)/(STEPS+1), from near zero to just below --lr, "
                         f"as nanoGPT (appendix D starts at 3e-5 instead) (default: {D['warmup']})")
-    g.add_argument("--cosine", action=SWITCH,
-                   help="after warmup, half a cosine from --lr down to --min-lr at step --lr-decay-steps, then "
-                        "--min-lr (default: off, a constant lr)")
-    g.add_argument("--min-lr", type=float, help="--cosine: its floor (default: --lr / 10, as nanoGPT)")
+    g.add_argument("--schedule", choices=("constant", "cosine", "linear", "wsd"),
+                   help="after warmup: constant --lr; cosine or linear from --lr down to --min-lr at step "
+                        "--lr-decay-steps; wsd (warmup-stable-decay) --lr, then over the last --decay-fraction of "
+                        "--lr-decay-steps down to --min-lr as 1 - sqrt (llm.c's -k); --min-lr holds after "
+                        "(default: constant, or the --resume checkpoint's)")
+    g.add_argument("--cosine", action=SWITCH, help="--schedule cosine, its older name (nanoGPT's decay_lr) "
+                                                   "(default: off)")
+    g.add_argument("--min-lr", type=float, help="a decaying --schedule's floor (default: --lr / 10, as nanoGPT)")
+    g.add_argument("--final-lr-frac", type=float, metavar="Q",
+                   help="the floor as a fraction of --lr: --min-lr Q x --lr (llm.c's -q), 0 <= Q <= 1 "
+                        "(default: 0.1)")
+    g.add_argument("--decay-fraction", type=float, metavar="F",
+                   help="--schedule wsd: the last fraction of --lr-decay-steps that decays, 0 < F <= 1 "
+                        "(default: 0.2, llm.c's)")
     g.add_argument("--lr-decay-steps", type=int, metavar="STEPS",
-                   help="--cosine: the step at which it reaches --min-lr (default: the run's length: --max-steps on "
+                   help="a decaying --schedule: the step at which it reaches --min-lr (default: the run's length: --max-steps on "
                         "shards, --epochs x the batches of an epoch on a text); a resumed run keeps its own, so a "
                         "larger --max-steps or --epochs continues at --min-lr unless this is given")
     g.add_argument("--weight-decay", type=float, help=f"AdamW's (default: {D['weight_decay']})")
@@ -97,6 +113,12 @@ def _how(g):
     g.add_argument("--clip", type=float, metavar="NORM",
                    help="clip the global gradient norm to NORM on every step from the first, warmup included "
                         "(appendix D starts after warmup) (default: off, the book's)")
+    g.add_argument("--skip-loss-z", type=float, metavar="Z",
+                   help="skip the update of a step whose loss is more than Z standard deviations above the last "
+                        "128 steps' mean (llm.c's -sl); skipped steps are counted in the progress line and "
+                        "log.jsonl; 0: off (default: off)")
+    g.add_argument("--skip-grad-z", type=float, metavar="Z",
+                   help="the same for the gradient norm before clipping (llm.c's -sg); 0: off (default: off)")
 
 
 def _how_long(g):
@@ -109,14 +131,29 @@ def _how_long(g):
                                                                f"(default: {D['eval_every']})")
     g.add_argument("--eval-iter", type=int, metavar="N", help=f"batches per evaluation (default: {D['eval_iter']})")
     g.add_argument("--hellaswag", metavar="FILE", help="also score HellaSwag (a jsonl as hellaswag_val.jsonl) at each "
-                                                       "evaluation: acc and acc_norm (default: off)")
+                                                       "evaluation: acc and acc_norm, kept on --resume; none turns it off "
+                                                       "(default: off)")
     g.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples "
                                                                     "(default: all)")
+    g.add_argument("--hellaswag-batch", type=int, metavar="N", help="HellaSwag examples a forward (4 x N "
+                                                                    f"sequences) (default: {D['hellaswag_batch']})")
     g.add_argument("--start-context", metavar="TEXT", help="prompt of the samples (default: "
                                                           f"{D['start_context']!r})")
+    g.add_argument("--sample-every", type=int, metavar="N", help="a greedy sample every N steps (default: at every "
+                                                                 "evaluation on shards, after every epoch on a text)")
+    g.add_argument("--sample-tokens", type=int, metavar="K", help="tokens a sample; 0: no samples (default: "
+                                                                  f"{D['sample_tokens']})")
     g.add_argument("--save-every", type=int, metavar="STEPS",
                    help="checkpoint every N steps; 0: at the end only, a kill loses the run (default: shards, at "
-                        "every evaluation; a text, at the end only)")
+                        "every evaluation; a text, at the end only); exact to the step on every device")
+    g.add_argument("--keep-last", type=int, metavar="K",
+                   help="also keep the K newest saves as OUT/checkpoint_<steps>.h5 (llm.c's -nk); 0: only "
+                        "checkpoint.h5 (default: 0)")
+    g.add_argument("--keep-every", type=int, metavar="M",
+                   help="keep every save whose steps done are a multiple of M for good (llm.c's -nm) (default: 0, "
+                        "none)")
+    g.add_argument("--keep-best", action=SWITCH, help="keep OUT/checkpoint_best.h5, the save at the lowest "
+                                                      "validation loss; saves at every evaluation (default: off)")
     g.add_argument("--progress", action=SWITCH, help="a progress bar; --no-progress prints a line every --log-every "
                                                      "steps instead (default: on)")
     g.add_argument("--log-every", type=int, metavar="N", help="--no-progress: print every N-th step's loss, lr, "
@@ -132,14 +169,16 @@ def _where(g):
     g.add_argument("--device", help="torch device: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="the parameters' (default: float32, or the "
                                                                   "--resume checkpoint's)")
-    g.add_argument("--autocast", choices=("bf16", "none"),
-                   help="torch: bf16 autocast (CUDA, or a CPU with bf16); none turns a resumed run's off "
+    g.add_argument("--autocast", choices=("bf16", "fp16", "none"),
+                   help="torch: bf16 autocast (CUDA from Ampere on, or a CPU with bf16), or fp16 with a GradScaler "
+                        "(CUDA GPUs without bf16: T4, V100; its state is saved); none turns a resumed run's off "
                         "(default: none, or the --resume checkpoint's)")
     g.add_argument("--compile", action=SWITCH,
                    help="torch: torch.compile the training step (default: off, or the --resume checkpoint's)")
     g.add_argument("--grad-accum", type=int, metavar="K",
-                   help="torch: run each batch as K micro-batches, evaluation too (same gradients, less memory) "
-                        "(default: 1, or the --resume checkpoint's)")
+                   help="micro-batches of --batch-size a step on each process, their gradients summed (nanoGPT's "
+                        "gradient_accumulation_steps per process); both backends (default: 1, or derived from "
+                        "--tokens-per-step, or the --resume checkpoint's)")
 
 
 def _files(g):
@@ -151,5 +190,7 @@ def _files(g):
     g.add_argument("--overwrite", action=SWITCH, help="replace a checkpoint already in --out (default: off, refused)")
     g.add_argument("--resume", metavar="CKPT",
                    help="continue the run saved in a checkpoint, with its settings and schedule; the optimizer and "
-                        "schedule options given with it apply from the next step, and the run says so "
-                        "(default: none, a new run)")
+                        "schedule options given with it apply from the next step, and the run says so; auto: "
+                        "the newest whole checkpoint in --out, else a new run, and nothing once OUT/DONE says the "
+                        "run is finished (for a restart loop: until npgpt train ... --resume auto; do sleep 1; "
+                        "done) (default: none, a new run)")

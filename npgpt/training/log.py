@@ -32,13 +32,16 @@ def _finite(value):
 
 def step_line(record: dict, total_steps: int) -> str:
     """A step record as one line, nanoGPT's way:
-    step 120/5000 | loss 3.4512 | lr 6.00e-04 | norm 0.82 | 1234 ms | 10,567 tok/s | mfu 31%"""
+    step 120/5000 | loss 3.4512 | lr 6.00e-04 | norm 0.82 | 1234 ms | 10,567 tok/s | mfu 31%
+    with "| 3 skipped" once the spike guard has skipped updates."""
     parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
     if record.get("norm") is not None:
         parts.append(f"norm {record['norm']:.2f}")
     parts += [f"{record['ms']:.0f} ms", f"{record['tok_s']:,.0f} tok/s"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {record['mfu']:.0%}")
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} skipped")
     return " | ".join(parts)
 
 

@@ -10,6 +10,7 @@ loss, train/eval, flops_per_token and peak_flops.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 
@@ -66,6 +67,11 @@ def generate_and_print_sample(model, tokenizer, start_context, max_new_tokens=50
                      for known, ids in runs).replace("\n", " "))
 
 
+def sample_due(step: int, sample_every: int | None, sample_tokens: int) -> bool:
+    """Whether a --sample-every sample follows this step (0-based: the steps done are step + 1)."""
+    return bool(sample_tokens and sample_every and (step + 1) % sample_every == 0)
+
+
 FLUSH_EVERY = 10      # steps between reads of a device that queues its work (a GPU): loss, clock, MFU
 
 
@@ -111,12 +117,13 @@ class _Stepper:
     that turns the guard on has them ready."""
 
     def __init__(self, model, optimizer, state, total_steps, world_size, clip_norm, clip_after_warmup, progress,
-                 print_fn, on_log=None, hellaswag=None, skip_loss_z=None, skip_grad_z=None):
+                 print_fn, on_log=None, hellaswag=None, skip_loss_z=None, skip_grad_z=None, flush_after=None):
         self.model, self.optimizer, self.state, self.world_size = model, optimizer, state, world_size
         self.clip_norm, self.clip_after_warmup = clip_norm, clip_after_warmup
         self.guard = SpikeGuard(skip_loss_z, skip_grad_z, state.guard_losses, state.guard_norms)
         self.on_log, self.hellaswag = on_log, hellaswag
         self.flush_every = 1 if model.synchronous else FLUSH_EVERY
+        self.flush_after = flush_after
         self.bar = tqdm(total=total_steps, initial=state.global_step + 1, disable=not progress,
                         desc="train", unit="step", dynamic_ncols=True)
         self.say = print_fn or (self.bar.write if progress else print)
@@ -164,14 +171,16 @@ class _Stepper:
 
     @property
     def due(self) -> bool:
-        return len(self.pending) >= self.flush_every
+        """Time to flush: every flush_every steps, or at a step flush_after(step) asks for."""
+        return len(self.pending) >= self.flush_every or bool(self.flush_after and self.flush_after(self.state))
 
     def flush(self) -> list[float]:
         """Wait for the device, read the pending losses, report the window's speed; -> the losses.
         on_log gets one record a step: {"kind": "step", "step", "loss", "lr", "norm" (the gradient
         norm before clipping), "ms" and "tok_s" (the window's: ms a step and tokens/s over every
-        rank), "mfu" (a fraction) where the device's peak is known, and "skipped" (why: "loss z
-        7.1 > 6", "fp16 overflow") on a step whose update was skipped}."""
+        rank), "mfu" (a fraction) where the device's peak is known, "skipped" (why: "loss z
+        7.1 > 6", "fp16 overflow") on a step whose update was skipped, and "skipped_steps" (how
+        many of the run's updates were skipped so far) once there is one}."""
         if not self.pending:
             return []
         self.model.synchronize()
@@ -199,8 +208,10 @@ class _Stepper:
             if skipped:
                 self.say(f"step {step}: update skipped ({skipped}); {len(self.state.skipped_steps)} skipped so far")
             if self.on_log is not None:
+                so_far = bisect.bisect_right(self.state.skipped_steps, step)   # the run's skipped updates
                 self.on_log({"kind": "step", "step": step, "loss": loss, "lr": lr, "norm": norm, **speed,
-                             **({"skipped": skipped} if skipped else {})})
+                             **({"skipped": skipped} if skipped else {}),
+                             **({"skipped_steps": so_far} if so_far else {})})
         self.state.guard_losses, self.state.guard_norms = self.guard.window()
         self.pending, self.window_tokens = [], 0
         return losses
@@ -218,9 +229,10 @@ class _Stepper:
         record = {"kind": "eval", "step": state.global_step, "train_loss": train_loss, "val_loss": val_loss,
                   "tokens_seen": state.tokens_seen}
         if self.hellaswag is not None:
-            examples, tokenizer, limit = self.hellaswag
+            examples, tokenizer, limit, batch = self.hellaswag
             ranks = getattr(self.model, "ranks", None)      # under torchrun: each rank its share, summed
             r = score_hellaswag(self.model, examples, tokenizer, limit=limit, reduce=ranks is not None,
+                                batch_examples=batch,
                                 **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks else {}))
             state.hellaswag.append({"step": state.global_step, "n": r["n"], "acc": r["acc"],
                                     "acc_norm": r["acc_norm"]})
@@ -236,7 +248,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                        initial_lr=None, min_lr=None, decay_steps=None, clip_after_warmup=False, state=None,
                        on_step=None, on_epoch_end=None, progress=True, print_fn=None, on_log=None,
                        hellaswag=None, hellaswag_limit=None, schedule=None, decay_fraction=None,
-                       skip_loss_z=None, skip_grad_z=None):
+                       skip_loss_z=None, skip_grad_z=None, hellaswag_batch=8, sample_every=None,
+                       sample_tokens=50, flush_after=None):
     """Train for num_epochs over train_loader, evaluating every eval_freq steps and printing a sample
     after each epoch. Returns (train_losses, val_losses, tokens_seen) as the book's function does.
 
@@ -257,6 +270,10 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
     first hellaswag_limit of them (all: None) scored at each evaluation. schedule: "constant",
     "cosine", "linear" or "wsd" (training/schedule.py; None: cosine or constant as `cosine` says),
     decay_fraction wsd's (0.2). skip_loss_z, skip_grad_z: the spike guard (_Stepper, guard.py).
+    hellaswag_batch: its examples a forward. sample_every: a sample every that many steps instead
+    of after each epoch (train_steps: of each evaluation); sample_tokens: its length (0: none).
+    flush_after(state): True to flush (and call on_step) right after this step, not FLUSH_EVERY
+    steps later on a GPU: the command line's --save-every and signals, exact to the step.
     """
     state = state or TrainState()
     steps_per_epoch = len(train_loader)
@@ -265,8 +282,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                  decay_steps, schedule, decay_fraction)
     step_once = _Stepper(model, optimizer, state, num_epochs * steps_per_epoch, world_size, clip_norm,
                          clip_after_warmup, progress, print_fn, on_log,
-                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit), skip_loss_z,
-                         skip_grad_z)
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit, hellaswag_batch),
+                         skip_loss_z, skip_grad_z, flush_after)
     try:
         for epoch in range(state.epoch, num_epochs):
             state.epoch = epoch
@@ -278,13 +295,17 @@ def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, e
                     continue
                 step_once(inputs, targets, f"epoch {epoch + 1}", epoch=epoch + 1)
                 evaluate = state.global_step % eval_freq == 0
-                if not (step_once.due or evaluate or i == len(train_loader) - 1):
+                sample = sample_due(state.global_step, sample_every, sample_tokens)
+                if not (step_once.due or evaluate or sample or i == len(train_loader) - 1):
                     continue
                 step_once.flush()
                 if evaluate:
                     step_once.record(f"Ep {epoch + 1}", *evaluate_model(model, train_loader, val_loader, eval_iter))
+                if sample:
+                    generate_and_print_sample(model, tokenizer, start_context, sample_tokens, step_once.say)
                 step_once.restart_clock(on_step)
-            generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
+            if sample_tokens and sample_every is None:
+                generate_and_print_sample(model, tokenizer, start_context, sample_tokens, step_once.say)
             state.epoch = epoch + 1
             step_once.restart_clock(on_epoch_end)
     finally:
@@ -296,23 +317,26 @@ def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_ev
                 *, warmup_steps=0, cosine=False, clip_norm=None, initial_lr=None, min_lr=None, decay_steps=None,
                 clip_after_warmup=False, state=None, on_step=None, progress=True, print_fn=None, on_log=None,
                 hellaswag=None, hellaswag_limit=None, schedule=None, decay_fraction=None, skip_loss_z=None,
-                skip_grad_z=None):
+                skip_grad_z=None, hellaswag_batch=8, sample_every=None, sample_tokens=50, flush_after=None):
     """Train by steps on a corpus of token shards: step s trains on train_batches.batch(s), which
     depends on (seed, s) alone, so a resumed run (state) takes the same batches as one that never
     stopped, and a larger max_steps continues it (on its saved schedule: at min_lr past its
     decay_steps). Every eval_every steps (and at the last) it prints the mean training loss of the
     steps since the last report and the loss over val_batches (dropout off), then a greedy sample.
-    The schedule, clipping, on_log, hellaswag and spike-guard keywords are train_model_simple's;
-    decay_steps defaults to max_steps.
+    The schedule, clipping, on_log, hellaswag, spike-guard, sample and flush_after keywords are
+    train_model_simple's; decay_steps defaults to max_steps.
     """
     state = state or TrainState()
     run_schedule(state, optimizer, max_steps, warmup_steps, cosine, initial_lr, min_lr, decay_steps, schedule,
                  decay_fraction)
     step_once = _Stepper(model, optimizer, state, max_steps, train_batches.world_size, clip_norm, clip_after_warmup,
                          progress, print_fn, on_log,
-                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit), skip_loss_z,
-                         skip_grad_z)
-    recent = []
+                         None if hellaswag is None else (hellaswag, tokenizer, hellaswag_limit, hellaswag_batch),
+                         skip_loss_z, skip_grad_z, flush_after)
+    # the losses of the steps since the last evaluation, which its reported training loss averages; a
+    # resumed run takes them from the spike guard's window (the last 128 steps' losses, saved)
+    since = state.global_step - (state.track_steps[-1] if state.track_steps else -1)
+    recent = list(state.guard_losses[-since:]) if 0 < since <= len(state.guard_losses) else []
     try:
         model.train()
         while state.global_step + 1 < max_steps:
@@ -320,15 +344,19 @@ def train_steps(model, train_batches, val_batches, optimizer, max_steps, eval_ev
             step_once(inputs, targets, f"of {max_steps}")
             step = state.global_step
             evaluate = step % eval_every == 0 or step == max_steps - 1
-            if not (step_once.due or evaluate):
+            sample = sample_due(step, sample_every, sample_tokens) or (evaluate and sample_tokens
+                                                                      and sample_every is None)
+            if not (step_once.due or evaluate or sample):
                 continue
             recent += step_once.flush()
-            if evaluate:
+            if evaluate or sample:
                 model.eval()
-                step_once.record("Steps", float(np.mean(recent)), calc_loss_loader(model, val_batches))
-                generate_and_print_sample(model, tokenizer, start_context, print_fn=step_once.say)
+                if evaluate:
+                    step_once.record("Steps", float(np.mean(recent)), calc_loss_loader(model, val_batches))
+                    recent = []
+                if sample:
+                    generate_and_print_sample(model, tokenizer, start_context, sample_tokens, step_once.say)
                 model.train()
-                recent = []
             step_once.restart_clock(on_step)
     finally:
         step_once.bar.close()
