@@ -42,8 +42,8 @@ def test_torch_options_are_checked():
     params = npgpt.init_params(CFG)
     with pytest.raises(ValueError, match="autocast='bf16' runs on CUDA or the CPU, got device 'meta'"):
         npgpt.build_model(CFG, "torch", params=params, device="meta", autocast="bf16")
-    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
-        npgpt.build_model(CFG, "torch", params=params, device="cpu", autocast="fp16")
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16' or 'fp16'"):
+        npgpt.build_model(CFG, "torch", params=params, device="cpu", autocast="fp8")
     with pytest.raises(TypeError):
         npgpt.build_model(CFG, "torch", params=params, device="cpu", bogus=True)
     model = npgpt.build_model(CFG, "torch", params=params, device="cpu")

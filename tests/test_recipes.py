@@ -66,6 +66,10 @@ def test_llmc_gpt2_124m_is_run_gpt2_124M_sh(tmp_path, monkeypatch):
     assert (a.beta1, a.beta2, a.eps, a.clip) == (0.9, 0.95, 1e-8, 1.0)
     assert a.eval_every == 250 and a.eval_iter == 20                                               # -v, -m
     assert a.hellaswag and a.save_every == 5000                                                    # -h 1, -n
+    assert a.keep_every == 5000 and a.keep_last == 0                                               # -nk 0: all kept
+    assert (a.sample_every, a.sample_tokens) == (20000, 144)                                       # -s, -g
+    assert a.resume is None      # -y 1: resume = "auto" in the file, and --out holds no checkpoint yet: a new run
+    assert config_file.load_config(CONFIGS / "llmc-gpt2-124m.toml", build_parser().subcommands["train"])["resume"] == "auto"
     assert a.lr_decay_steps is None                            # the cosine ends at the run's last step
     assert (a.backend, a.autocast) == ("torch", "bf16")
 
