@@ -5,41 +5,27 @@ since the last one: the checkpoint left loads, log.jsonl parses line by line, an
 finishes the run with exactly the parameters and optimizer state of a run never interrupted
 (float64, no dropout, the numpy backend; a step's batch depends on (seed, step) alone)."""
 import json
-import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-from array import array
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt.cli import main
 from npgpt.weights.checkpoint import read_checkpoint
 
+from child_runs import CHILD_ENV, write_shards
+
 STEPS, EVERY = 30, 4
 EVALS = sorted({*range(0, STEPS, EVERY), STEPS - 1})
-CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-             "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-             "PYTHONPATH": os.pathsep.join([str(Path(npgpt.__file__).resolve().parent.parent),
-                                            os.environ.get("PYTHONPATH", "")])}
-
 pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """An llm.c-format folder: 600 val and 3,000 train tokens."""
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(5)
-    for name, n in (("t_val_000000.bin", 600), ("t_train_000001.bin", 3000)):
-        tokens = rng.integers(0, 1000, n).tolist()
-        (folder / name).write_bytes(struct.pack("<256i", 20240520, 1, n, *[0] * 253) + array("H", tokens).tobytes())
-    return folder
+    return write_shards(tmp_path_factory.mktemp("shards"), seed=5)
 
 
 def args(shards, out):

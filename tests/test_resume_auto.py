@@ -8,38 +8,25 @@ and an explicit --resume that would train nothing is refused in one line."""
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import time
-from array import array
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt.cli import main
 from npgpt.weights.checkpoint import read_checkpoint
 
-STEPS = 30
-CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-             "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-             "PYTHONPATH": os.pathsep.join([str(Path(npgpt.__file__).resolve().parent.parent),
-                                            os.environ.get("PYTHONPATH", "")])}
+from child_runs import CHILD_ENV, write_shards
 
+STEPS = 30
 pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """An llm.c-format folder (its header packed here with struct): 600 val and 3,000 train tokens."""
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(11)
-    for name, n in (("t_val_000000.bin", 600), ("t_train_000001.bin", 3000)):
-        tokens = rng.integers(0, 1000, n).tolist()
-        (folder / name).write_bytes(struct.pack("<256i", 20240520, 1, n, *[0] * 253) + array("H", tokens).tobytes())
-    return folder
+    return write_shards(tmp_path_factory.mktemp("shards"), seed=11)
 
 
 def args(shards, out, *extra):
