@@ -299,7 +299,7 @@ def merge(rows):
         key = (r["config"], r["variant"])
         m = merged.setdefault(key, {**r, "train_s": [], "forward_s": [], "gen_s_per_token": [], "other_load": []})
         m["train_s"] += r["train_s"]
-        m["forward_s"] += r["forward_s"]
+        m["forward_s"] += r.get("forward_s", [])
         m["gen_s_per_token"] += r.get("gen_s_per_token", [])
         m["other_load"].append(r.get("other_load_cores", float("nan")))
         for k in ("profile_ms", "gen_no_cache_s_per_token"):
@@ -494,6 +494,8 @@ def main():
                         variant not in EVERY_SHAPE + ("llmc",) and name not in BOOK_SHAPES:
                     continue
                 rows.append(run_child(variant, name, args.repeats, r == 0, env, args.llmc))
+                Path(args.out).mkdir(parents=True, exist_ok=True)     # the rows so far, should a later one fail
+                (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=1))
                 best = min(rows[-1]["train_s"])
                 print(f"bench: round {r + 1} {name} {variant}: step {best:.3f} s, other load "
                       f"{rows[-1].get('other_load_cores', float('nan')):.2f} cores", file=sys.stderr)

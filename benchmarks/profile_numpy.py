@@ -129,13 +129,16 @@ def floors(cfg, B, T, itemsize=4) -> dict:
     linear_out = L * 9 * N * C + N * V
     att = B * NH * T * T                               # attention weights, one layer
     dropped = (N * C + L * (2 * N * C + att)) if cfg.drop_rate else 0
+    masks = att // 2 if cfg.drop_rate else 0
     params = sum(n for n in _param_sizes(cfg))
     return {
         "linear forward": (f * (weights + linear_in + linear_out), 2 * N * weights),
         "linear backward": (f * (2 * weights + 2 * linear_in + linear_out), 4 * N * weights),
         "AdamW update": (7 * f * params, 0),           # reads p, g, m, v; writes p, m, v
-        "attention forward": (f * L * (4 * N * C + att), L * 4 * B * T * T * C),
-        "attention backward": (f * L * (7 * N * C + att), L * 8 * B * T * T * C),
+        # causal: half of the T x T products; the weights stay in the cache (the backward recomputes
+        # them, work not counted here); a dropout mask's lower half is read once each way
+        "attention forward": (f * L * (4 * N * C + masks), L * 2 * B * T * T * C),
+        "attention backward": (f * L * (7 * N * C + masks), L * 4 * B * T * T * C),
         "gelu forward": (f * L * 2 * 4 * N * C, 0),
         "gelu backward": (f * L * 3 * 4 * N * C, 0),
         "dropout forward": (f * 3 * dropped, 0),       # x in; out and the mask out
