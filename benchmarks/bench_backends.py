@@ -319,7 +319,8 @@ def report(merged, configs, meta, command):
     """results.md: command and conditions, ratios, absolute numbers, the NumPy profile."""
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
     lines = [f"`{command}`", "",
-             f"Measured {meta['date']}: {meta['cpu']}, {meta['cpus']} cores, {meta['memory_gb']:.0f} GiB; "
+             f"Measured {meta['date']}: {meta['cpu']} ({meta.get('cpu_flags', '?')}), {meta['cpus']} cores, "
+             f"{meta['memory_gb']:.0f} GiB; "
              f"Python {meta['python']}, NumPy {meta['numpy']}, torch {meta['torch']}. "
              f"{meta['method']}", "", f"Conditions: {meta['conditions']}", ""]
     for name in configs:
@@ -441,6 +442,16 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def cpu_flags():
+    """The vector extensions that decide the matmul peaks: which of AVX2, FMA, AVX-512, its bf16, AMX."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
@@ -507,7 +518,7 @@ def main():
         memory_gb = float("nan")
     openblas = ("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in removed.items()) +
                 (" kept" if args.keep_openblas_env else " removed for the children") if removed else "none set"))
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(), "memory_gb": memory_gb,
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "memory_gb": memory_gb,
             "machine": platform.platform(), "python": platform.python_version(), "numpy": numpy.__version__,
             "torch": torch_version,
             "method": f"Each variant in its own process, {args.rounds} rounds alternating the variants, "
