@@ -1,7 +1,14 @@
 """The backends side by side on this machine, like with like, in one run.
 
-    python benchmarks/bench_backends.py [--configs small book-124m] [--rounds 2] [--repeats 3]
-                                        [--variants numpy numpy-reference torch torch-bf16 book book+alloc]
+    python benchmarks/bench_backends.py [--shapes book llmc long long-dropout] [--rounds 2] [--repeats 3]
+                                        [--variants numpy numpy-reference torch ...] [--llmc DIR]
+
+Shapes (profile_numpy.SHAPES): book, the book's 124M model at B=2, T=256 with dropout 0.1; llmc,
+llm.c's (GPT-2 small, vocabulary padded to 50,304, no dropout, B=4, T=64: 256 tokens a step, where
+passes over the parameters and per-call costs weigh most); long, GPT-2 small at B=2, T=1024
+without dropout, and long-dropout, the same with dropout 0.1 (where attention's T x T work weighs
+most). numpy-reference and the book's model run at the book's shape only; generation and the
+eval forward are measured there only.
 
 Variants, each measured in a process of its own:
   numpy       npgpt's NumPy backend, float32
@@ -15,19 +22,22 @@ Variants, each measured in a process of its own:
               with its default torch.optim.AdamW, as its users run it: glibc's default allocator
   book+alloc  the same with npgpt.memory.keep_freed_memory(), the allocator setting that both
               npgpt backends make (without it a step pays ~250,000 page faults)
+  llmc        llm.c's C trainer (train_gpt2.c, built from --llmc DIR with its Makefile's flags;
+              benchmarks/llmc_rival.py) on the same model and batch, OMP_NUM_THREADS = npgpt's
+              pool size, at the llmc shape only; skipped in one line without --llmc DIR
 Both npgpt backends keep freed memory, by their own process-wide choice (npgpt/memory.py).
 
 Method: rounds alternate the variants (numpy, torch, ..., numpy, torch, ...), each variant of each
 round in a fresh process; in it a warm-up (WARMUP_STEPS train steps, one call of the rest), then
 --repeats timed runs of each measurement; min and median over all rounds are reported.
-Measured: the train step (forward + backward + AdamW) at B=2, T=256 (the context length when
-shorter), the eval forward, greedy generation (batch 1, 4-token prompt, 100 new tokens) with the KV
+Measured: the train step (forward + backward + AdamW) and the peak RSS after it, and at the
+book's shape the eval forward, greedy generation (batch 1, 4-token prompt, 100 new tokens) with the KV
 cache and, in round 1, without, page faults per step, and peak RSS. Each process also measures its
 library's float32 matmul peak (2048^3 products) and the read bandwidth of a float32 matrix-vector
 product over 256 MiB, the two limits: a step's GFLOP/s against the first, generation's weight
 bytes per token / seconds per token against the second (the best of any process: one limit of the
 machine for every variant). The NumPy process of round 1 adds a profile of its step per layer type
-(benchmarks/profile_numpy.py).
+(benchmarks/profile_numpy.py) at each shape.
 "other load" is the CPU time used by other processes on the machine while a variant ran, in cores.
 
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE work around old OpenBLAS builds and slow down current
@@ -50,10 +60,13 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ["numpy", "numpy-reference", "torch", "torch-bf16", "torch-cuda", "book", "book+alloc"]
-CONFIGS = {"tiny": dict(preset="tiny"),
-           "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4),
-           "book-124m": dict(preset="book-124m")}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_numpy import SHAPES, shape  # noqa: E402
+
+VARIANTS = ["numpy", "numpy-reference", "torch", "torch-bf16", "torch-cuda", "book", "book+alloc", "llmc"]
+EVERY_SHAPE = ("numpy", "torch", "torch-bf16", "torch-cuda")    # the rest: BOOK_SHAPES (llmc: its own)
+BOOK_SHAPES = ("book", "small", "tiny")     # where the book's model, the reference form and generation run
+DEFAULT_SHAPES = ["book", "llmc", "long", "long-dropout"]
 OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 GEN_TOKENS = 100
 PROMPT = [[6109, 3626, 6100, 345]]          # "Every effort moves you"
@@ -156,6 +169,8 @@ def library_info(variant):
                                for p in threadpoolctl.threadpool_info()]
     except ImportError:
         info["threadpools"] = "threadpoolctl not installed"
+    if variant == "llmc":
+        return info
     if not variant.startswith("numpy"):
         import torch
         info["torch_threads"] = torch.get_num_threads()
@@ -169,22 +184,35 @@ def library_info(variant):
     return info
 
 
-def run_one(variant, name, repeats, first_round):
-    """Measure one variant on one config (called in a fresh process)."""
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(variant, name, repeats, first_round, llmc_dir=None):
+    """Measure one variant at one shape (called in a fresh process)."""
     import numpy as np
     import npgpt
     if variant == "book+alloc":
         from npgpt.memory import keep_freed_memory
         keep_freed_memory()
-    spec = dict(CONFIGS[name])
-    cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
-    B, T = 2, min(256, cfg.context_length)
-    x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, B, T))
-    row = {"variant": variant, "config": name, "params": npgpt.num_params(cfg), "B": B, "T": T}
+    cfg, B, T = shape(name)
+    # ids below GPT-2's 50,257: llm.c's padded rows are never targets
+    x, y = np.random.default_rng(0).integers(0, min(cfg.vocab_size, 50257), (2, B, T))
+    row = {"variant": variant, "config": name, "params": npgpt.num_params(cfg), "B": B, "T": T,
+           "drop_rate": cfg.drop_rate}
     cuda = variant == "torch-cuda"
     if variant.startswith("book"):
         row["train_s"], row["page_faults_per_step"], row["forward_s"] = book_model(cfg, x, y, repeats)
+        row["train_peak_rss_mb"] = peak_rss_mb()
         lib = "torch"
+    elif variant == "llmc":
+        from llmc_rival import time_llmc
+        from npgpt.numpy_backend import threads
+        model = npgpt.build_model(cfg, backend="numpy", seed=123)
+        rival = time_llmc(llmc_dir, model, x, WARMUP_STEPS, repeats, threads.num_threads())
+        row["train_s"], row["train_peak_rss_mb"] = rival["train_s"], rival["peak_rss_mb"]
+        row["info"] = {"llmc_threads": threads.num_threads()}
+        lib = "numpy"            # the share of a peak: against NumPy's, as every row at this shape
     else:
         numpy = variant.startswith("numpy")
         options = {"kernels": "reference"} if variant == "numpy-reference" else {} if numpy else \
@@ -196,31 +224,32 @@ def run_one(variant, name, repeats, first_round):
         f0 = faults()
         row["train_s"] = timed(lambda: model.train_step(x, y, opt), repeats, warmup=0)
         row["page_faults_per_step"] = (faults() - f0) / repeats
-        model.eval()
-        row["forward_s"] = timed(lambda: model.logits(x), repeats)
-        prompt = np.array(PROMPT)
-        generate = lambda n, cache: npgpt.generate(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=cache)
-        generate(10, True)
-        row["gen_s_per_token"] = [t / GEN_TOKENS for t in timed(lambda: generate(GEN_TOKENS, True), repeats, 0)]
-        if first_round:
-            row["gen_no_cache_s_per_token"] = timed(lambda: generate(GEN_TOKENS, False), 1, 0)[0] / GEN_TOKENS
-        row["gen_weight_bytes"] = weight_bytes(cfg)
+        row["train_peak_rss_mb"] = peak_rss_mb()
         lib = "numpy" if numpy else "torch"
         if variant == "numpy" and first_round:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
             from profile_numpy import machine_limits, profile_step
-            model.train()
             row["profile_ms"] = profile_step(model, opt, x, y, repeats=2)
             row["profile_limits"] = machine_limits(repeats)
+        if name in BOOK_SHAPES:
+            model.eval()
+            row["forward_s"] = timed(lambda: model.logits(x), repeats)
+            prompt = np.array(PROMPT)
+            generate = lambda n, cache: npgpt.generate(model, prompt, max_new_tokens=n, temperature=0.0,
+                                                       use_cache=cache)
+            generate(10, True)
+            row["gen_s_per_token"] = [t / GEN_TOKENS for t in timed(lambda: generate(GEN_TOKENS, True), repeats, 0)]
+            if first_round:
+                row["gen_no_cache_s_per_token"] = timed(lambda: generate(GEN_TOKENS, False), 1, 0)[0] / GEN_TOKENS
+            row["gen_weight_bytes"] = weight_bytes(cfg)
     row["matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu")
     if variant in ("torch-bf16", "torch-cuda"):
         row["bf16_matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu", "bf16")
-    if not cuda:
+    if not cuda and variant != "llmc":
         nbytes, seconds = read_bandwidth(lib, repeats)
         row["read_gb_s"] = nbytes / seconds / 1e9
     row["flops_per_token"] = 6 * weight_bytes(cfg, 1) + 12 * cfg.n_layers * T * cfg.emb_dim
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row["info"] = library_info(variant)
+    row["peak_rss_mb"] = peak_rss_mb()
+    row.setdefault("info", {}).update(library_info(variant))
     return row
 
 
@@ -245,10 +274,11 @@ def child_env(keep_openblas_env):
     return env, removed
 
 
-def run_child(variant, name, repeats, first_round, env):
+def run_child(variant, name, repeats, first_round, env, llmc_dir=None):
     """One child process; its row plus the other processes' load while it ran (in cores)."""
     ticks0, usage0, t0 = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    cmd = [sys.executable, __file__, "--one", variant, name, "--repeats", str(repeats)] + (["--first"] if first_round else [])
+    cmd = [sys.executable, __file__, "--one", variant, name, "--repeats", str(repeats)] + \
+        (["--first"] if first_round else []) + (["--llmc", str(llmc_dir)] if llmc_dir else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} {name} failed:\n{out.stderr}")
@@ -269,15 +299,15 @@ def merge(rows):
         key = (r["config"], r["variant"])
         m = merged.setdefault(key, {**r, "train_s": [], "forward_s": [], "gen_s_per_token": [], "other_load": []})
         m["train_s"] += r["train_s"]
-        m["forward_s"] += r["forward_s"]
+        m["forward_s"] += r.get("forward_s", [])
         m["gen_s_per_token"] += r.get("gen_s_per_token", [])
         m["other_load"].append(r.get("other_load_cores", float("nan")))
         for k in ("profile_ms", "gen_no_cache_s_per_token"):
             if k in r:
                 m[k] = r[k]
-        for k in ("matmul_peak_gflops", "bf16_matmul_peak_gflops", "read_gb_s", "peak_rss_mb"):
+        for k in ("matmul_peak_gflops", "bf16_matmul_peak_gflops", "read_gb_s", "peak_rss_mb", "train_peak_rss_mb"):
             if k in r:
-                m[k] = max(m.get(k, 0), r[k]) if k != "peak_rss_mb" else max(m[k], r[k])
+                m[k] = max(m.get(k, 0), r[k])
     return merged
 
 
@@ -289,7 +319,8 @@ def report(merged, configs, meta, command):
     """results.md: command and conditions, ratios, absolute numbers, the NumPy profile."""
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
     lines = [f"`{command}`", "",
-             f"Measured {meta['date']}: {meta['cpu']}, {meta['cpus']} cores, {meta['memory_gb']:.0f} GiB; "
+             f"Measured {meta['date']}: {meta['cpu']} ({meta.get('cpu_flags', '?')}), {meta['cpus']} cores, "
+             f"{meta['memory_gb']:.0f} GiB; "
              f"Python {meta['python']}, NumPy {meta['numpy']}, torch {meta['torch']}. "
              f"{meta['method']}", "", f"Conditions: {meta['conditions']}", ""]
     for name in configs:
@@ -298,9 +329,14 @@ def report(merged, configs, meta, command):
             continue
         step = {v: stats(m["train_s"]) for v, m in by.items()}
         gen = {v: stats(m["gen_s_per_token"]) for v, m in by.items() if m["gen_s_per_token"]}
-        lines.append(f"**{name}** ({by[next(iter(by))]['params'] / 1e6:.0f}M parameters, B=2, T={by[next(iter(by))]['T']}, float32 unless named)")
+        first = by[next(iter(by))]
+        lines.append(f"**{name}** ({first['params'] / 1e6:.0f}M parameters, B={first['B']}, T={first['T']}, "
+                     f"dropout {first.get('drop_rate', 0.1):g}, float32 unless named)")
         lines.append("")
         ratios = ["| ratio | min | median |", "| --- | ---: | ---: |"]
+        if "numpy" in step and "llmc" in step:
+            ratios.append(f"| train step: llmc / numpy (how many times faster than llm.c's C) | "
+                          f"{step['llmc'][0] / step['numpy'][0]:.2f} | {step['llmc'][1] / step['numpy'][1]:.2f} |")
         for other in ("torch", "torch-bf16", "book", "book+alloc", "torch-cuda"):
             if "numpy" in step and other in step:
                 ratios.append(f"| train step: numpy / {other} | {step['numpy'][0] / step[other][0]:.2f} | "
@@ -328,36 +364,53 @@ def report(merged, configs, meta, command):
                 ratios.append(f"| {v} generation: weight bytes per token / s per token, share of the "
                               f"{read:.1f} GB/s read bandwidth | {100 * m['gen_weight_bytes'] / best / 1e9 / read:.0f}% | "
                               f"{100 * m['gen_weight_bytes'] / med / 1e9 / read:.0f}% |")
-        lines += ratios + [""]
-        lines.append("| variant | train step s (min / median) | tokens/s | GFLOP/s | page faults / step | forward s "
+        lines += ratios + [""] + targets(name, by, step)
+        lines.append("| variant | train step s (min / median) | tokens/s | GFLOP/s | share of NumPy's matmul peak "
+                     "| peak RSS MB, training | page faults / step | forward s "
                      "| gen tok/s, KV cache (best / median) | gen GB/s of weights | gen tok/s, no cache | "
                      "peak RSS MB | other load (cores) |")
-        lines.append("| --- |" + " ---: |" * 10)
+        lines.append("| --- |" + " ---: |" * 12)
+        numpy_peak = by["numpy"]["matmul_peak_gflops"] if "numpy" in by else None
         for v in VARIANTS:
             if v not in by:
                 continue
             m, (best, med) = by[v], step[v]
             g = gen.get(v)
+            gflops = m["flops_per_token"] * m["B"] * m["T"] / best / 1e9
             lines.append(
-                f"| {v} | {best:.3f} / {med:.3f} | {m['B'] * m['T'] / best:.0f} | "
-                f"{m['flops_per_token'] * m['B'] * m['T'] / best / 1e9:.0f} | {m['page_faults_per_step']:,.0f} | "
-                f"{stats(m['forward_s'])[0]:.3f} | "
+                f"| {v} | {best:.3f} / {med:.3f} | {m['B'] * m['T'] / best:.0f} | {gflops:.0f} | "
+                f"{fmt(100 * gflops / numpy_peak if numpy_peak else None, '{:.0f}%')} | "
+                f"{m['train_peak_rss_mb']:.0f} | {fmt(m.get('page_faults_per_step'), '{:,.0f}')} | "
+                f"{fmt(stats(m['forward_s'])[0])} | "
                 + (f"{1 / g[0]:.1f} / {1 / g[1]:.1f} | {m['gen_weight_bytes'] / g[0] / 1e9:.1f} | " if g else "- | - | ")
                 + f"{fmt(1 / m['gen_no_cache_s_per_token'] if m.get('gen_no_cache_s_per_token') else None, '{:.1f}')} | "
                 f"{m['peak_rss_mb']:.0f} | {statistics.mean(m['other_load']):.2f} |")
         lines.append("")
         if "numpy" in by and "profile_ms" in by["numpy"]:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
             from profile_numpy import table
-            import npgpt
-            spec = dict(CONFIGS[name])
-            cfg = npgpt.GPTConfig.preset(spec.pop("preset"), **spec)
+            cfg, B, T = shape(name)
             lines += [f"NumPy step by layer type ({name}, ms per step, mean of 2 steps, round 1):", "",
-                      table(by["numpy"]["profile_ms"], cfg, 2, by["numpy"]["T"], by["numpy"].get("profile_limits")),
-                      ""]
+                      table(by["numpy"]["profile_ms"], cfg, B, T, by["numpy"].get("profile_limits")), ""]
     info = {v: m["info"] for (c, v), m in merged.items()}
     lines.append("Libraries and threads: " + "; ".join(f"{v}: {describe(i)}" for v, i in info.items()))
     return "\n".join(lines) + "\n"
+
+
+def targets(name, by, step) -> list[str]:
+    """Issue 32's targets at this shape, each with its measured value (min of the step times)."""
+    if "numpy" not in step:
+        return []
+    m, best = by["numpy"], step["numpy"][0]
+    share = m["flops_per_token"] * m["B"] * m["T"] / best / 1e9 / m["matmul_peak_gflops"]
+    found = [f"NumPy at {100 * share:.0f}% of its matmul peak (target 70%)"]
+    if "torch" in step:
+        found.append(f"numpy / torch {best / step['torch'][0]:.2f} (target 0.85)")
+        if name.startswith("long"):
+            found.append(f"peak RSS numpy / torch {m['train_peak_rss_mb'] / by['torch']['train_peak_rss_mb']:.2f} "
+                         f"(target 1.00)")
+    if "llmc" in step:
+        found.append(f"{step['llmc'][0] / best:.1f}x faster than llm.c (target 4x)")
+    return ["Targets: " + "; ".join(found) + ".", ""]
 
 
 def describe(info):
@@ -369,10 +422,13 @@ def describe(info):
     if "torch_threads" in info:
         parts.append(f"torch {info['torch_threads']} threads, {info['torch_cpu_capability']}, "
                      f"oneDNN bf16 {'yes' if info['mkldnn_bf16'] else 'no'}")
+    if "llmc_threads" in info:
+        parts.append(f"llm.c OpenMP {info['llmc_threads']} threads")
     if "npgpt_threads" in info:
         parts.append(f"npgpt elementwise {info['npgpt_threads']} threads")
-    alloc = info.get("allocator", {})
-    parts.append("keeps freed memory" if alloc.get("keep_freed_memory") else "glibc default allocator")
+    alloc = info.get("allocator")
+    if alloc is not None:
+        parts.append("keeps freed memory" if alloc.get("keep_freed_memory") else "glibc default allocator")
     return ", ".join(parts)
 
 
@@ -386,24 +442,42 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def cpu_flags():
+    """The vector extensions that decide the matmul peaks: which of AVX2, FMA, AVX-512, its bf16, AMX."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["small", "book-124m"], choices=list(CONFIGS))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
+    parser.add_argument("--llmc", type=Path, metavar="DIR", help="a built llm.c checkout: its C trainer as a "
+                        "rival at the llmc shape (nothing is downloaded; skipped without)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         help="default: all that this machine has")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-openblas-env", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: variant config
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)       # internal: variant shape
     parser.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one, args.repeats, args.first)))
+        print(json.dumps(run_one(*args.one, args.repeats, args.first, args.llmc)))
         return
     if args.rounds < 1 or args.repeats < 1:
         parser.error("--rounds and --repeats must be at least 1")
     variants = list(args.variants or VARIANTS)
+    if "llmc" in variants:
+        from llmc_rival import missing
+        why = missing(args.llmc) or ("" if "llmc" in args.shapes else "the llmc shape is not measured")
+        if why:
+            print(f"bench: llm.c's row skipped: {why}", file=sys.stderr)
+            variants.remove("llmc")
     has_torch = importlib.util.find_spec("torch") is not None
     if not has_torch:
         variants = [v for v in variants if v.startswith("numpy")]
@@ -425,9 +499,14 @@ def main():
     started = time.perf_counter()
     rows = []
     for r in range(args.rounds):
-        for name in args.configs:
+        for name in args.shapes:
             for variant in variants:
-                rows.append(run_child(variant, name, args.repeats, r == 0, env))
+                if variant == "llmc" and name != "llmc" or \
+                        variant not in EVERY_SHAPE + ("llmc",) and name not in BOOK_SHAPES:
+                    continue
+                rows.append(run_child(variant, name, args.repeats, r == 0, env, args.llmc))
+                Path(args.out).mkdir(parents=True, exist_ok=True)     # the rows so far, should a later one fail
+                (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=1))
                 best = min(rows[-1]["train_s"])
                 print(f"bench: round {r + 1} {name} {variant}: step {best:.3f} s, other load "
                       f"{rows[-1].get('other_load_cores', float('nan')):.2f} cores", file=sys.stderr)
@@ -439,7 +518,7 @@ def main():
         memory_gb = float("nan")
     openblas = ("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in removed.items()) +
                 (" kept" if args.keep_openblas_env else " removed for the children") if removed else "none set"))
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(), "memory_gb": memory_gb,
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "memory_gb": memory_gb,
             "machine": platform.platform(), "python": platform.python_version(), "numpy": numpy.__version__,
             "torch": torch_version,
             "method": f"Each variant in its own process, {args.rounds} rounds alternating the variants, "
@@ -450,17 +529,17 @@ def main():
                           f"; the run took {(time.perf_counter() - started) / 60:.1f} min{skipped}."}
     command = "python benchmarks/bench_backends.py" + "".join(
         f" {flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
-        for flag, value, default in (("--configs", args.configs, ["small", "book-124m"]),
+        for flag, value, default in (("--shapes", args.shapes, DEFAULT_SHAPES), ("--llmc", args.llmc, None),
                                      ("--variants", args.variants, None), ("--rounds", args.rounds, 2),
                                      ("--repeats", args.repeats, 3))
         if value != default)
     merged = merge(rows)
-    text = report(merged, args.configs, meta, command)
+    text = report(merged, args.shapes, meta, command)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "command": command, "rows": rows}, indent=1))
     (out_dir / "results.md").write_text(text)
-    plot(merged, args.configs, out_dir / "results.png", meta)
+    plot(merged, args.shapes, out_dir / "results.png", meta)
     print(text)
 
 
@@ -482,6 +561,7 @@ def plot(merged, configs, path, meta):
                else 0 for c in configs]
         axes[0].bar(xs, step, width, label=v)
         axes[1].bar(xs, gen, width, label=v)
+    axes[0].set_yscale("log")            # the shapes differ tenfold
     for ax, title in zip(axes, ("train step (s, min; lower is better)", "greedy generation, KV cache (tokens/s)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], configs)
         ax.set_title(title, fontsize=9)

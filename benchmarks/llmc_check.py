@@ -87,10 +87,11 @@ int main(int argc, char **argv) {
 """
 
 
-def compile_harness(llmc: Path, work: Path) -> Path:
-    """The harness built as llm.c's Makefile builds train_gpt2 (OpenMP if the compiler has it)."""
+def compile_harness(llmc: Path, work: Path, source: str = HARNESS) -> Path:
+    """A harness (this file's, or source) built as llm.c's Makefile builds train_gpt2 (OpenMP if
+    the compiler has it)."""
     src, exe = work / "harness.c", work / "harness"
-    src.write_text(HARNESS)
+    src.write_text(source)
     cc = os.environ.get("CC", "gcc")
     for omp in (["-fopenmp", "-DOMP"], []):
         cmd = [cc, *CFLAGS, *omp, "-I", str(llmc), str(src), "-lm", "-o", str(exe)]

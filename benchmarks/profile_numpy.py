@@ -1,6 +1,10 @@
 """Where a NumPy training step spends its time: forward and backward per layer type, and AdamW.
 
-    python benchmarks/profile_numpy.py [--config book-124m] [--repeats 3]
+    python benchmarks/profile_numpy.py [--shape book|llmc|long|long-dropout] [--repeats 3]
+
+The shapes (SHAPES, which bench_backends.py measures too): the book's (its 124M model, B=2,
+T=256, dropout 0.1), llm.c's (GPT-2 small, vocabulary padded to 50,304, no dropout, B=4, T=64)
+and a long context (GPT-2 small, B=2, T=1024, without and with dropout 0.1).
 
 Every function of npgpt.numpy_backend.layers (which model.py calls through the module) and the
 optimizer's step are wrapped in a timer for the measured steps; "other" is the rest of the step
@@ -25,6 +29,24 @@ import json
 import sys
 import time
 from pathlib import Path
+
+SHAPES = {   # name -> the model (a preset and fields it replaces) and the batch, B sequences of T tokens
+    "book": dict(preset="book-124m", B=2, T=256),
+    "llmc": dict(preset="gpt2-small", vocab_size=50304, drop_rate=0.0, B=4, T=64),
+    "long": dict(preset="gpt2-small", drop_rate=0.0, B=2, T=1024),
+    "long-dropout": dict(preset="gpt2-small", drop_rate=0.1, B=2, T=1024),
+    "small": dict(preset="book-124m", emb_dim=256, n_heads=4, n_layers=4, B=2, T=256),    # quick looks
+    "tiny": dict(preset="tiny", B=2, T=64),
+}
+
+
+def shape(name):
+    """(GPTConfig, B, T) of one of SHAPES."""
+    import npgpt
+    spec = dict(SHAPES[name])
+    B, T = spec.pop("B"), spec.pop("T")
+    return npgpt.GPTConfig.preset(spec.pop("preset"), **spec), B, T
+
 
 GROUPS = {   # layers.py function -> (layer type, "forward" or "backward")
     "embedding_forward": ("embedding", "forward"), "embedding_backward": ("embedding", "backward"),
@@ -107,13 +129,16 @@ def floors(cfg, B, T, itemsize=4) -> dict:
     linear_out = L * 9 * N * C + N * V
     att = B * NH * T * T                               # attention weights, one layer
     dropped = (N * C + L * (2 * N * C + att)) if cfg.drop_rate else 0
+    masks = att // 2 if cfg.drop_rate else 0
     params = sum(n for n in _param_sizes(cfg))
     return {
         "linear forward": (f * (weights + linear_in + linear_out), 2 * N * weights),
         "linear backward": (f * (2 * weights + 2 * linear_in + linear_out), 4 * N * weights),
         "AdamW update": (7 * f * params, 0),           # reads p, g, m, v; writes p, m, v
-        "attention forward": (f * L * (4 * N * C + att), L * 4 * B * T * T * C),
-        "attention backward": (f * L * (7 * N * C + att), L * 8 * B * T * T * C),
+        # causal: half of the T x T products; the weights stay in the cache (the backward recomputes
+        # them, work not counted here); a dropout mask's lower half is read once each way
+        "attention forward": (f * L * (4 * N * C + masks), L * 2 * B * T * T * C),
+        "attention backward": (f * L * (7 * N * C + masks), L * 4 * B * T * T * C),
         "gelu forward": (f * L * 2 * 4 * N * C, 0),
         "gelu backward": (f * L * 3 * 4 * N * C, 0),
         "dropout forward": (f * 3 * dropped, 0),       # x in; out and the mask out
@@ -195,12 +220,11 @@ def main():
     import numpy as np
     import npgpt
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="book-124m")
+    parser.add_argument("--shape", default="book", choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args()
-    cfg = npgpt.GPTConfig.preset(args.config)
-    B, T = 2, min(256, cfg.context_length)
+    cfg, B, T = shape(args.shape)
     model = npgpt.build_model(cfg, backend="numpy", seed=123)
     opt = npgpt.AdamW(model, lr=5e-4, weight_decay=0.1)
     x, y = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, B, T))

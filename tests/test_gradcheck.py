@@ -17,6 +17,7 @@ import pytest
 from npgpt import gradcheck as G
 from npgpt.config import GPTConfig
 from npgpt.numpy_backend import layers as L
+from npgpt.numpy_backend import reference as R
 from npgpt.params import param_shapes
 
 NAMES = list(param_shapes(GPTConfig.preset("tiny")))    # the tiny model's parameters, in forward order
@@ -46,8 +47,9 @@ def layernorm_without_mean_term(real):
 def attention_without_softmax_term(real):
     """datt_pre = att * datt, the - sum_j(att_j * datt_j) of the softmax's Jacobian forgotten."""
     def backward(dy, cache):
-        q, k, v, att, att_mask = cache
+        q, k, v, lse, att_mask = cache              # the fast form keeps each row's log-sum-exp
         B, NH, T, hs = q.shape
+        att = np.exp(q @ k.swapaxes(-1, -2) / math.sqrt(hs) + R.causal_bias(T, q.dtype) - lse[..., None])
         dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)                 # (B, NH, T, hs)
         att_d = att if att_mask is None else att * att_mask
         dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)

@@ -100,19 +100,62 @@ def test_gelu(dtype, n_threads):
     np.testing.assert_array_equal(L.gelu_backward(dout, (x_cached, t)), R.gelu_backward(dout, ref_cache))
 
 
+def attention_bounds(q, k, v, att, mask, dy, u):
+    """Bounds on how far two float evaluations of attention may each be from the exact values, to
+    first order in the unit roundoff u, from the reference's float64 intermediates (B, NH, T, ...):
+    a sum of n terms is off by at most n u sum(|terms|) (and n u |q| |k| for a dot of n), a product
+    or a division by u, exp and log by a few u. A row's weights are off by a relative rho: its
+    scores' rounding (through exp), the row's max, sum and log-sum-exp. -> (y's, dqkv's)."""
+    T, hs = q.shape[-2], q.shape[-1]
+    aq, ak, av, ady = np.abs(q), np.abs(k), np.abs(v), np.abs(dy)
+    scale = 1 / np.sqrt(hs)
+    S = (aq @ ak.swapaxes(-1, -2)) * scale                     # |scores|, at most
+    rho = u * ((2 * hs + 8) * S.max(axis=-1, keepdims=True) + T + 16 + 4 * np.log(T))   # (..., T, 1)
+    am = att * mask
+    err_y = (rho + (T + 1) * u) * (am @ av)
+    err_dv = (am * (rho + (T + 1) * u)).swapaxes(-1, -2) @ ady
+    D = ady @ av.swapaxes(-1, -2)                              # |dy v^T|
+    err_datt = mask * (hs + 1) * u * D
+    R = np.sum(am * D, axis=-1, keepdims=True)                 # |sum_j att_j datt_j|
+    err_r = np.sum(att * (rho * mask * D + err_datt), axis=-1, keepdims=True) + T * u * R
+    DS = att * (mask * D + R) * scale                          # |dscores|
+    err_ds = (att * (rho * (mask * D + R) + err_datt + err_r) * scale + 3 * u * DS)
+    err_dq = err_ds @ ak + T * u * (DS @ ak)
+    err_dk = err_ds.swapaxes(-1, -2) @ aq + T * u * (DS.swapaxes(-1, -2) @ aq)
+    return err_y, (err_dq, err_dk, err_dv)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_dropout", [False, True])
-def test_attention(dtype, with_dropout, n_threads):
+def test_attention(dtype, with_dropout, n_threads, monkeypatch):
+    """The fast attention recomputes the weights in its backward and skips the keys after a query
+    block: its sums run in another order than the reference's, so each output is within twice the
+    first-order rounding bound (attention_bounds: one for each form), in float32 and float64."""
+    from npgpt.numpy_backend import softmax_layers
+    monkeypatch.setattr(softmax_layers, "ATT_BLOCK", 4)       # T=19: 4 blocks of 4 queries and one of 3
+    monkeypatch.setattr(softmax_layers, "ATT_ENTRIES", 2 * 4 * 19)   # heads in groups of 2 and 1
     rng = np.random.default_rng(2)
-    B, T, NH, hs = 3, 7, 5, 2                                # 15 heads in blocks of 1 or 2
-    qkv = rng.standard_normal((B, T, 3 * NH * hs)).astype(dtype)
+    B, T, NH, hs = 2, 19, 3, 8
+    qkv = (2 * rng.standard_normal((B, T, 3 * NH * hs))).astype(dtype)
     dy = rng.standard_normal((B, T, NH * hs)).astype(dtype)
     mask = L.dropout_mask(rng, (B, NH, T, T), 0.3, np.dtype(dtype)) if with_dropout else None
     y, cache = L.attention_forward(qkv, NH, mask)
     ref_y, ref_cache = R.attention_forward(qkv, NH, mask)
-    np.testing.assert_array_equal(y, ref_y)
-    np.testing.assert_array_equal(cache[3], ref_cache[3])                # the attention weights
-    np.testing.assert_array_equal(L.attention_backward(dy, cache), R.attention_backward(dy, ref_cache))
+    dqkv, ref_dqkv = L.attention_backward(dy, cache), R.attention_backward(dy, ref_cache)
+    q, k, v, att, _ = (None if a is None else a.astype(np.float64) for a in ref_cache)
+    dy_heads = np.moveaxis(dy.astype(np.float64).reshape(B, T, NH, hs), 1, 2)
+    err_y, err_d = attention_bounds(q, k, v, att, 1.0 if mask is None else mask.astype(np.float64), dy_heads,
+                                    np.finfo(dtype).eps / 2)
+    err_y = np.moveaxis(err_y, 1, 2).reshape(y.shape)
+    err_d = np.moveaxis(np.stack(err_d), (0, 2), (2, 3)).reshape(dqkv.shape)   # as dqkv: (B, T, 3, NH, hs)
+    for name, got, want, err in (("y", y, ref_y, err_y), ("dqkv", dqkv, ref_dqkv, err_d)):
+        diff = np.abs(got.astype(np.float64) - want)
+        assert np.all(diff <= 2 * err), f"{name}: max difference {diff.max():.3g}, " \
+            f"where the bound is {2 * err.flat[np.argmax(diff - 2 * err)]:.3g}"
+    assert cache[3].shape == (B, NH, T)                         # the cache: a log-sum-exp per row
+    np.testing.assert_allclose(cache[3], np.log(np.sum(np.exp(                            # of the scores
+        np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(hs) + R.causal_bias(T, np.float64)), axis=-1)),
+        rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,7 +41,13 @@ def attention_forward(qkv, n_heads, att_mask=None):
 
     att_mask is None or a scaled dropout mask of shape (..., NH, T, T) for the attention weights.
     The leading axes are flattened into one batch axis B (the book's (B, T, 3C) stays as it is).
-    Twin: reference.attention_forward.
+    Twin: reference.attention_forward, whose cache keeps the (B, NH, T, T) weights; this one keeps
+    each row's log-sum-exp instead, (B, NH, T), and the backward recomputes the weights from it
+    (memory-efficient attention: at T=1024 the weights are 100 MB a layer). A head's queries run
+    in blocks of ATT_BLOCK rows, each against the keys up to its last query only (causal: the rest
+    of its row is 0), so a block's weights stay in the L2 cache and half of the T x T work is
+    skipped. The rows' sums then run over fewer zeros in another order: equal to the twin within
+    float rounding (tests/test_numpy_kernels.py states the bound).
     """
     if np.ndim(qkv) < 2 or qkv.shape[-1] % (3 * n_heads):
         raise shape_error("qkv", f"(..., T, 3C) with C a multiple of n_heads={n_heads}", qkv)
@@ -52,52 +58,91 @@ def attention_forward(qkv, n_heads, att_mask=None):
     hs = C // n_heads
     q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)    # 3 x (B, NH, T, hs)
     mask = None if att_mask is None else att_mask.reshape(B, n_heads, T, T)
-    att = np.empty((B, n_heads, T, T), qkv.dtype)
+    lse = np.empty((B, n_heads, T), qkv.dtype)                              # log-sum-exp per row
     y = np.empty((B, T, n_heads, hs), qkv.dtype)                            # heads side by side
-    bias = causal_bias(T, qkv.dtype)
+    scale = 1.0 / math.sqrt(hs)
 
-    def head(i):                                                            # one head: b, h
-        b, h = divmod(i, n_heads)
-        a = np.matmul(q[b, h], k[b, h].T, out=att[b, h])                    # (T, T)
-        a *= 1.0 / math.sqrt(hs)
-        a += bias
-        softmax_inplace(a)
-        a_d = a if mask is None else a * mask[b, h]                         # dropout
-        np.matmul(a_d, v[b, h], out=y[b, :, h])                             # (T, hs)
-    parallel_map(head, range(B * n_heads))
-    q, k, v = (a.reshape(*lead, n_heads, T, hs) for a in (q, k, v))       # the twin's cache
-    return y.reshape(*lead, T, C), (q, k, v, att.reshape(*lead, n_heads, T, T), att_mask)
+    def heads(group):                                                       # heads h of batch row b
+        b, h = group
+        for s, e in query_blocks(T):
+            a = weights(q[b, h, s:e], k[b, h, :e], s, scale)                # (G, e - s, e) pre-softmax
+            top = a.max(axis=-1, keepdims=True)
+            a -= top
+            np.exp(a, out=a)
+            total = a.sum(axis=-1, keepdims=True)
+            a /= total
+            lse[b, h, s:e] = (top + np.log(total))[..., 0]
+            if mask is not None:
+                a *= mask[b, h, s:e, :e]                                    # dropout
+            np.matmul(a, v[b, h, :e], out=y[b, s:e, h].swapaxes(0, 1))      # (G, e - s, hs)
+    parallel_map(heads, head_groups(B, n_heads, T))
+    q, k, v = (a.reshape(*lead, n_heads, T, hs) for a in (q, k, v))
+    return y.reshape(*lead, T, C), (q, k, v, lse.reshape(*lead, n_heads, T), att_mask)
+
+
+ATT_BLOCK = 128       # query rows a block: a head's (128, T) weights are 512 KiB at T=1024, in L2
+ATT_ENTRIES = 1 << 17  # at short T, heads go together until their blocks' weights hold this many
+                       # numbers: fewer, larger NumPy calls (at T=64, a batch row's 12 heads at once)
+
+
+def query_blocks(T):
+    return [(s, min(s + ATT_BLOCK, T)) for s in range(0, T, ATT_BLOCK)]
+
+
+def head_groups(B, NH, T):
+    """(b, slice of heads) for every batch row: the work items, their number set by the shapes."""
+    G = max(1, ATT_ENTRIES // (min(T, ATT_BLOCK) * T))
+    return [(b, slice(h, min(h + G, NH))) for b in range(B) for h in range(0, NH, G)]
+
+
+def weights(q, k, s, scale):
+    """Queries s..e of G heads, q (G, e - s, hs), against keys 0..e, k (G, e, hs) -> (q k^T) *
+    scale + causal bias: -inf where a key is after its query, in the last e - s columns only."""
+    a = q @ k.swapaxes(-1, -2)                                              # (G, e - s, e)
+    a *= scale
+    a[..., s:] += causal_bias(a.shape[-2], a.dtype)
+    return a
 
 
 def attention_backward(dy, cache):
-    """dy (..., T, C) -> dqkv (..., T, 3C). Twin: reference.attention_backward."""
-    q, k, v, att, att_mask = cache
+    """dy (..., T, C) -> dqkv (..., T, 3C). Twin: reference.attention_backward.
+
+    Each query block's weights are recomputed from q, k and the forward's log-sum-exp:
+    att = exp(q k^T * scale + causal - lse). A head's blocks run in order, adding into its dk, dv."""
+    q, k, v, lse, att_mask = cache
     *lead, NH, T, hs = q.shape
     if np.shape(dy) != (*lead, T, NH * hs):
         raise shape_error("dy", f"(..., T, C) = {(*lead, T, NH * hs)}", dy)
     B = math.prod(lead)                                                     # views, as in the forward
     q, k, v = (a.reshape(B, NH, T, hs) for a in (q, k, v))
-    att = att.reshape(B, NH, T, T)
+    lse = lse.reshape(B, NH, T, 1)
     mask = None if att_mask is None else att_mask.reshape(B, NH, T, T)
     dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)                     # (B, NH, T, hs)
     dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                              # 3 x (B, NH, T, hs)
+    scale = 1.0 / math.sqrt(hs)
 
-    def head(i):
-        b, h = divmod(i, NH)
-        a = att[b, h]
-        a_d = a if mask is None else a * mask[b, h]
-        np.matmul(a_d.T, dy[b, h], out=dv[b, h])                            # y = att_d @ v
-        datt = dy[b, h] @ v[b, h].T                                         # (T, T)
-        if mask is not None:
-            datt *= mask[b, h]
-        # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
-        datt -= np.sum(a * datt, axis=-1, keepdims=True)
-        datt *= a
-        datt *= 1.0 / math.sqrt(hs)                                         # att_pre = q k^T / sqrt(hs)
-        np.matmul(datt, k[b, h], out=dq[b, h])
-        np.matmul(datt.T, q[b, h], out=dk[b, h])
-    parallel_map(head, range(B * NH))
+    def heads(group):
+        b, h = group
+        G = len(range(NH)[h])
+        dk_h, dv_h = np.zeros((G, T, hs), dy.dtype), np.zeros((G, T, hs), dy.dtype)
+        for s, e in query_blocks(T):
+            a = weights(q[b, h, s:e], k[b, h, :e], s, scale)                # (G, e - s, e)
+            a -= lse[b, h, s:e]
+            np.exp(a, out=a)                                                # att, recomputed
+            a_d = a if mask is None else a * mask[b, h, s:e, :e]
+            dv_h[:, :e] += a_d.swapaxes(-1, -2) @ dy[b, h, s:e]             # y = att_d @ v
+            datt = dy[b, h, s:e] @ v[b, h, :e].swapaxes(-1, -2)             # (G, e - s, e)
+            if mask is not None:
+                datt *= mask[b, h, s:e, :e]
+            # softmax: datt_pre = att * (datt - sum_j(att_j * datt_j)); masked entries have att = 0
+            datt -= np.sum(a * datt, axis=-1, keepdims=True)
+            datt *= a
+            datt *= scale                                                   # att_pre = q k^T / sqrt(hs)
+            np.matmul(datt, k[b, h, :e], out=dq[b, h, s:e])
+            dk_h[:, :e] += datt.swapaxes(-1, -2) @ q[b, h, s:e]
+        dk[b, h], dv[b, h] = dk_h, dv_h
+    parallel_map(heads, head_groups(B, NH, T))
     return dqkv.reshape(*lead, T, 3 * NH * hs)
 
 
