@@ -35,7 +35,6 @@ block stays in the L2 cache through all of them and the blocks run on every core
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
