@@ -43,7 +43,8 @@ machine for every variant). The NumPy process of round 1 adds a profile of its s
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE work around old OpenBLAS builds and slow down current
 NumPy; when set, both are removed together from the children's environment (--keep-openblas-env
 keeps them), and the OpenBLAS kernel that ran is reported (threadpoolctl).
-FLOPs per trained token: 6 * N_matmul + 12 * L * T * C (PaLM's appendix B).
+FLOPs per trained token: 6 * N_matmul + 12 * L * T * C (PaLM's appendix B), N_matmul the weights of
+every matrix product, the head's included (wte again when tied): npgpt.training.perf.flops_per_token.
 Writes results.md (what docs/performance.md shows), results.json and results.png.
 """
 from __future__ import annotations
@@ -89,7 +90,9 @@ def timed(fn, repeats, warmup=1):
 
 
 def matmul_peak(lib, repeats, device="cpu", dtype="float32"):
-    """Best GFLOP/s of a 2048^3 product in the variant's own library (OpenBLAS, MKL, cuBLAS)."""
+    """Best GFLOP/s of a 2048^3 product in the variant's own library (OpenBLAS, MKL, cuBLAS), the
+    best of at least 10: a product takes ~0.1 s on 2 cores, and the few of a step's repeats gave
+    peaks 20% apart from one process to the next."""
     n = 2048
     if lib == "numpy":
         import numpy as np
@@ -100,7 +103,7 @@ def matmul_peak(lib, repeats, device="cpu", dtype="float32"):
         a = torch.randn(n, n, device=device, dtype=getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)))
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         fn = lambda: (a @ a, sync())
-    return 2 * n ** 3 / min(timed(fn, repeats)) / 1e9
+    return 2 * n ** 3 / min(timed(fn, max(repeats, 10))) / 1e9
 
 
 def read_bandwidth(lib, repeats):
@@ -117,14 +120,6 @@ def read_bandwidth(lib, repeats):
         w, x = torch.randn(rows, cols), torch.ones(cols)
         fn = lambda: torch.mv(w, x)
     return w.nbytes if lib == "numpy" else w.numel() * 4, min(timed(fn, repeats + 2))
-
-
-def weight_bytes(cfg, itemsize=4):
-    """Bytes of the weights one generated token reads: every matrix of the blocks and the head."""
-    import npgpt
-    n = sum(int(__import__("math").prod(s)) for name, s in npgpt.param_shapes(cfg).items()
-            if name.endswith("weight") and len(s) == 2 and name != "wpe" and (name != "wte" or cfg.tie_weights))
-    return n * itemsize
 
 
 def faults():
@@ -192,6 +187,7 @@ def run_one(variant, name, repeats, first_round, llmc_dir=None):
     """Measure one variant at one shape (called in a fresh process)."""
     import numpy as np
     import npgpt
+    from npgpt.training.perf import flops_per_token, matmul_weights
     if variant == "book+alloc":
         from npgpt.memory import keep_freed_memory
         keep_freed_memory()
@@ -240,14 +236,14 @@ def run_one(variant, name, repeats, first_round, llmc_dir=None):
             row["gen_s_per_token"] = [t / GEN_TOKENS for t in timed(lambda: generate(GEN_TOKENS, True), repeats, 0)]
             if first_round:
                 row["gen_no_cache_s_per_token"] = timed(lambda: generate(GEN_TOKENS, False), 1, 0)[0] / GEN_TOKENS
-            row["gen_weight_bytes"] = weight_bytes(cfg)
+            row["gen_weight_bytes"] = 4 * matmul_weights(cfg)    # float32, the head included
     row["matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu")
     if variant in ("torch-bf16", "torch-cuda"):
         row["bf16_matmul_peak_gflops"] = matmul_peak(lib, repeats, "cuda" if cuda else "cpu", "bf16")
     if not cuda and variant != "llmc":
         nbytes, seconds = read_bandwidth(lib, repeats)
         row["read_gb_s"] = nbytes / seconds / 1e9
-    row["flops_per_token"] = 6 * weight_bytes(cfg, 1) + 12 * cfg.n_layers * T * cfg.emb_dim
+    row["flops_per_token"] = flops_per_token(cfg, T)    # 6 per matmul weight (a tied head too) + attention
     row["peak_rss_mb"] = peak_rss_mb()
     row.setdefault("info", {}).update(library_info(variant))
     return row
