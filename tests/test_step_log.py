@@ -215,7 +215,7 @@ def test_hellaswag_at_every_evaluation(shards, tmp_path, capsys, hellaswag_file)
     assert resumed[:len(evals)] == history["hellaswag"] and [r["step"] for r in resumed[len(evals):]] == [9]
 
 
-def test_the_step_norm_is_the_backends_own(shards):
+def test_the_step_norm_is_the_backends_own(shards, monkeypatch):
     """Backend.grad_norm and train_step's last_grad_norm (with and without clipping), both
     backends, against np.sqrt of the sum of squares of loss_and_grads' gradients."""
     inputs, targets = TokenDir(shards).train_batches(B, T, SEED, 0, 1).batch(0)
@@ -235,11 +235,19 @@ def test_the_step_norm_is_the_backends_own(shards):
                 model.load_params(npgpt.build_model(npgpt.GPTConfig.preset("tiny"), seed=1, dtype="float64").params())
                 model.train_step(inputs, targets, opt, clip_norm=clip, sync=False)
                 assert float(model.last_grad_norm) == pytest.approx(expected, rel=1e-12), (backend, clip)
-    model = npgpt.build_model(npgpt.GPTConfig.preset("tiny"), seed=1)          # float32: squared in float32
+    model = npgpt.build_model(npgpt.GPTConfig.preset("tiny"), seed=1)          # float32: squared in float64
     _, grads = model.loss_and_grads(inputs, targets)
     expected = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values())))
-    assert model.grad_norm() == pytest.approx(expected, rel=1e-7)
-    assert model.clip_grad_norm(1e9) == pytest.approx(expected, rel=1e-14)
+    from npgpt.numpy_backend import model as numpy_model, threads
+    monkeypatch.setattr(numpy_model, "NORM_BLOCK", 1000)       # many blocks, summed in order
+    norms = []
+    for n in (1, 3):
+        threads.set_num_threads(n)
+        norms.append(model.grad_norm())
+    threads.set_num_threads(threads.default_num_threads())
+    assert norms[0] == norms[1], "the norm depends on the number of threads"
+    assert norms[0] == pytest.approx(expected, rel=1e-14)
+    assert model.clip_grad_norm(1e9) == norms[0]
 
 
 @pytest.mark.parametrize("extra, message", [
