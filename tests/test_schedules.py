@@ -11,7 +11,7 @@ import pytest
 
 import npgpt
 from npgpt.run_state import Schedule, TrainState
-from npgpt.training.loop import run_schedule
+from npgpt.training.stepper import run_schedule
 from npgpt.training.schedule import scheduled_lr
 from npgpt.weights.checkpoint import read_checkpoint, save_checkpoint
 

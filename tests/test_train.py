@@ -91,7 +91,7 @@ def test_the_loop_reads_a_queued_device_only_every_few_steps(verdict_text, monke
     """A backend that queues its work (a GPU) is waited for every FLUSH_EVERY steps and before each
     evaluation, not after every step; a NaN found at a flush still names its own step."""
     from npgpt.numpy_backend import NumpyGPT
-    from npgpt.training.loop import FLUSH_EVERY
+    from npgpt.training.stepper import FLUSH_EVERY
     waits = []
     train_step = NumpyGPT.train_step
     monkeypatch.setattr(NumpyGPT, "synchronous", False, raising=False)

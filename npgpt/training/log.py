@@ -6,7 +6,7 @@ The file is opened for appending (a resumed run adds to its own) and each record
 write() of a whole line, unbuffered: once written, a record survives the process being killed.
 Every record has "kind" ("run", "step", "eval" or "save"), "time" (unix seconds) and "elapsed_s"
 (seconds since this process started the run); the loop's records are described in
-training/loop.py (_Stepper.flush and .record). Numbers that are not finite are written as null.
+training/stepper.py (Stepper.flush and .record). Numbers that are not finite are written as null.
 """
 from __future__ import annotations
 
