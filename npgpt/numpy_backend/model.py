@@ -168,7 +168,8 @@ class NumpyGPT(Backend):
         return total / k
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Scale all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_)."""
+        """Scale all gradients so their global L2 norm (grad_norm's, in float64) is at most max_norm
+        (torch's clip_grad_norm_); -> the norm before scaling."""
         if self.kernels == "reference":
             self.g, norm = reference_optim.clip_grad_norm(self.g, max_norm)
             return norm

@@ -20,6 +20,7 @@ from ..tokenizer import text_to_token_ids, token_ids_to_text
 from ..run_state import TrainState
 from .stepper import Stepper, run_schedule
 
+
 def calc_loss_batch(model, inputs, targets) -> float:
     return model.loss(inputs, targets)
 
