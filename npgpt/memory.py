@@ -8,15 +8,18 @@ zeroing, for every 4 KiB page it touches again. Measured with benchmarks/bench_b
 124M model at B=2, T=256, 2 cores: the book's torch model paid 405,440 faults a step (4.52 s a
 step) and 14,996 with this setting (3.87 s; 2026-12-02, AMD EPYC); npgpt's torch backend paid
 about 250,000 without it (2.4 s instead of 1.7 s; 2026-12-01, an Intel CPU). Raising the mmap
-threshold to 1 GiB and the trim threshold to 2 GiB keeps freed blocks in the heap, where the next
-step finds them; on the GPU, PyTorch's caching allocator does the same by design.
+threshold to 1 GiB and turning trimming off keeps freed blocks in the heap, where the next step
+finds them; on the GPU, PyTorch's caching allocator does the same by design. (A trim threshold of
+2 GiB was not enough: GPT-2 small at B=2, T=1024 with dropout frees more than that each step, and
+paid 85,000 to 96,000 faults a step, none with trimming off: 13.9-16.4 s a step against
+12.9-13.8 s, 2026-12-07, AMD EPYC, 2 cores.)
 
 A process-wide choice. mallopt changes malloc for every library in the process (NumPy, torch,
-everything else), exactly as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647
-in the environment would. Each backend makes it when a model is built (NumpyGPT, TorchGPT), and
-a benchmark that compares backends gives every contender the same setting. The cost: memory a
-step frees stays with the process (peak RSS, not more) until it exits. Only glibc has mallopt;
-elsewhere this does nothing.
+everything else), exactly as MALLOC_MMAP_THRESHOLD_=1073741824 and MALLOC_TRIM_THRESHOLD_ set to
+the largest size_t in the environment would. Each backend makes it when a model is built
+(NumpyGPT, TorchGPT), and a benchmark that compares backends gives every contender the same
+setting. The cost: memory a step frees stays with the process (peak RSS, not more) until it
+exits. Only glibc has mallopt; elsewhere this does nothing.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import ctypes
 import os
 
 MMAP_THRESHOLD = 1 << 30          # blocks up to 1 GiB come from the heap, not from their own mmap
-TRIM_THRESHOLD = (1 << 31) - 1    # give the heap's top back only when 2 GiB of it are free
+TRIM_THRESHOLD = -1               # never give the heap's top back: glibc reads -1 as the largest size_t
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # glibc's <malloc.h>
 
 _applied = False
