@@ -241,10 +241,12 @@ def test_the_step_norm_is_the_backends_own(shards, monkeypatch):
     from npgpt.numpy_backend import model as numpy_model, threads
     monkeypatch.setattr(numpy_model, "NORM_BLOCK", 1000)       # many blocks, summed in order
     norms = []
-    for n in (1, 3):
-        threads.set_num_threads(n)
-        norms.append(model.grad_norm())
-    threads.set_num_threads(threads.default_num_threads())
+    try:
+        for n in (1, 3):
+            threads.set_num_threads(n)
+            norms.append(model.grad_norm())
+    finally:
+        threads.set_num_threads(threads.default_num_threads())
     assert norms[0] == norms[1], "the norm depends on the number of threads"
     assert norms[0] == pytest.approx(expected, rel=1e-14)
     assert model.clip_grad_norm(1e9) == norms[0]
