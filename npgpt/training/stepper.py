@@ -53,7 +53,7 @@ class Stepper:
 
     on_log(record), if given, is called at each flush with one dict per step of the window (see
     flush) and at each evaluation with its scores (see record). hellaswag: (examples, tokenizer,
-    limit) to score at each evaluation, or None.
+    limit, batch_examples) to score at each evaluation, or None.
 
     skip_loss_z, skip_grad_z: the spike guard's thresholds (training/guard.py; None: no check).
     With either, each step's loss and norm are read on the host before its update (so a GPU
